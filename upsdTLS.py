@@ -600,15 +600,17 @@ class Endpoint:
 
 
 class Relay:
-    """Moves bytes both ways between a client and upsd until one side ends.
+    """Moves bytes both ways between the client and upstream until one side ends.
 
-    Commands are framed as upsd reads them, so the shim's own reply to a
-    command it answers itself (local_reply) goes out after upsd's replies to
-    earlier commands and before later ones.  Each direction buffers at most
-    BUFFER_MAX bytes before the shim stops reading its source.  After the
-    client's end of stream the replies still due are delivered; after upsd's,
-    the bytes queued for the client; either within CLOSE_TIMEOUT.  The
-    endpoints stay owned by the session, which closes them.
+    upstream is upsd for upsdTLS and upsdTLS for upsmonTLS; either way the
+    commands are framed as upsd reads them, so the shim's own reply to a
+    command it answers itself (local_reply) goes out after upstream's
+    replies to earlier commands and before later ones.  Each direction
+    buffers at most BUFFER_MAX bytes before the shim stops reading its
+    source.  After the client's end of stream the replies still due are
+    delivered; after upstream's, the bytes queued for the client; either
+    within CLOSE_TIMEOUT.  The endpoints stay owned by the session, which
+    closes them.
     """
 
     def __init__(self, client, upstream, shared, local_reply):
@@ -616,7 +618,7 @@ class Relay:
         self.shared = shared
         self.local_reply = local_reply
         self.commands, self.replies = CommandFramer(), ReplyFramer()
-        self.due = collections.deque()   # per command in flight: None (upsd answers) or bytes
+        self.due = collections.deque()   # per command in flight: None (upstream answers) or bytes
         self.poller = select.poll()
         self.poller.register(shared.stop_fd, select.POLLIN)
         self.watched = {}
@@ -676,7 +678,7 @@ class Relay:
         client, upstream = self.client, self.upstream
         if upstream.eof:
             if not client.out:
-                return "upsd closed the connection"
+                return f"{upstream.name} closed the connection"
         elif client.eof:
             if not upstream.out:
                 if not self.due and not client.out:
@@ -689,7 +691,7 @@ class Relay:
         return None
 
     def from_client(self, data):
-        """Queues the client's complete commands for upsd, answering some itself."""
+        """Queues the client's complete commands for upstream, answering some itself."""
         if not data:
             return
         self.last_traffic = time.monotonic()
@@ -704,7 +706,7 @@ class Relay:
                 self.client.out += reply
 
     def from_upstream(self, data):
-        """Queues upsd's bytes for the client, inserting the shim's replies in order."""
+        """Queues upstream's bytes for the client, inserting the shim's replies in order."""
         if not data:
             return
         self.last_traffic = time.monotonic()
@@ -757,7 +759,7 @@ class Session:
                 time.monotonic() - self.started, reason)
 
     def close(self):
-        """Closes both sides, client first (its close_notify goes out before upsd sees EOF)."""
+        """Closes both sides, the client first."""
         for endpoint in (self.client, self.upstream):
             if endpoint is not None:
                 endpoint.close()
@@ -802,7 +804,7 @@ class Session:
         framer = CommandFramer()
         sock = self.client.sock
         while True:
-            lines = framer.feed(self.recv_plain(sock, deadline))
+            lines = framer.feed(self.recv_plain(self.client, deadline))
             for index, (line, word) in enumerate(lines):
                 if word == b"STARTTLS":
                     extra = sum(len(later) for later, _ in lines[index + 1:])
@@ -810,13 +812,13 @@ class Session:
                     if extra:
                         raise SessionEnd(f"STARTTLS injection attempt: {extra} bytes "
                                          "sent after STARTTLS before TLS", logging.WARNING)
-                    self.send_plain(sock, b"OK STARTTLS\n", deadline)
+                    self.send_plain(self.client, b"OK STARTTLS\n", deadline)
                     return
                 if word == b"LOGOUT":
-                    self.send_plain(sock, b"OK Goodbye\n", deadline)
+                    self.send_plain(self.client, b"OK Goodbye\n", deadline)
                     raise SessionEnd("client logged out before TLS")
                 if line.strip():
-                    self.send_plain(sock, b"ERR TLS-NOT-ENABLED\n", deadline)
+                    self.send_plain(self.client, b"ERR TLS-NOT-ENABLED\n", deadline)
 
     def handshake(self, tls, deadline):
         """Runs the TLS handshake on the raw socket, bounded by deadline."""
@@ -868,34 +870,34 @@ class Session:
         if not ready:
             raise SessionEnd(f"{phase} timed out after {self.settings.handshake_timeout:g} s")
 
-    def recv_plain(self, sock, deadline):
-        """Returns the next bytes from a plain socket; SessionEnd on EOF or deadline."""
+    def recv_plain(self, endpoint, deadline):
+        """Returns the next bytes from endpoint before TLS; SessionEnd on EOF or deadline."""
         while True:
             try:
-                data = sock.recv(RECV_SIZE)
+                data = endpoint.sock.recv(RECV_SIZE)
             except BlockingIOError:
-                self.wait(sock, select.POLLIN, deadline, "plaintext phase")
+                self.wait(endpoint.sock, select.POLLIN, deadline, "plaintext phase")
                 continue
             except OSError as exc:
-                raise SessionEnd(f"client: {describe_error(exc)} before TLS") from None
+                raise SessionEnd(f"{endpoint.name}: {describe_error(exc)} before TLS") from None
             if not data:
-                raise SessionEnd("client closed the connection before TLS")
-            self.client.received += len(data)
+                raise SessionEnd(f"{endpoint.name} closed the connection before TLS")
+            endpoint.received += len(data)
             return data
 
-    def send_plain(self, sock, data, deadline):
-        """Writes all of data to a plain socket before deadline, or raises SessionEnd."""
+    def send_plain(self, endpoint, data, deadline):
+        """Writes all of data to endpoint before TLS and deadline, or raises SessionEnd."""
         view = memoryview(data)
         while view:
             try:
-                sent = sock.send(view)
+                sent = endpoint.sock.send(view)
             except BlockingIOError:
-                self.wait(sock, select.POLLOUT, deadline, "plaintext phase")
+                self.wait(endpoint.sock, select.POLLOUT, deadline, "plaintext phase")
                 continue
             except OSError as exc:
-                raise SessionEnd(f"client: {describe_error(exc)} before TLS") from None
+                raise SessionEnd(f"{endpoint.name}: {describe_error(exc)} before TLS") from None
             view = view[sent:]
-            self.client.sent += sent
+            endpoint.sent += sent
 
     @staticmethod
     def unread_bytes(sock):
