@@ -1,0 +1,342 @@
+"""upsmonTLS.py in the full chain: client -> upsmonTLS -> upsdTLS -> upsd.
+
+Goal of these tests: stock plaintext clients get the same answers through
+the chain as from upsd directly; the client's STARTTLS is answered
+FEATURE-NOT-CONFIGURED in command order; nothing but STARTTLS ever goes
+upstream in plaintext, a reply with extra bytes (response injection) or any
+other reply closes the client; certificates are verified (CA, name, dates);
+an upstream outage closes clients promptly and the shim recovers on its
+own; mutual TLS works; non-loopback listening needs --unsafe-listen.  Each
+success sits beside a negative control.
+"""
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import unittest
+
+import harness
+from harness import TIMEOUT, LineClient, wait_for
+
+PKI = None
+PKI_DIR = None
+
+
+def setUpModule():  # pylint: disable=invalid-name
+    """One test PKI for the module."""
+    global PKI, PKI_DIR  # pylint: disable=global-statement
+    PKI_DIR = tempfile.mkdtemp(prefix="nuttls-pki-")
+    PKI = harness.Pki(PKI_DIR)
+
+
+def tearDownModule():  # pylint: disable=invalid-name
+    """Removes the module's PKI."""
+    shutil.rmtree(PKI_DIR, ignore_errors=True)
+
+
+def read_lines(client, count):
+    """Reads count lines from a LineClient, failing on EOF."""
+    lines = []
+    for _ in range(count):
+        line = client.readline()
+        if not line:
+            raise AssertionError(f"EOF after {lines!r}")
+        lines.append(line.decode().rstrip("\n"))
+    return lines
+
+
+class FakeUpstream:
+    """A hostile or broken 'upsdTLS': answers STARTTLS with canned bytes, records input.
+
+    Serves every connection the same way until close(); `received` holds
+    all bytes it was sent.
+    """
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.received = b""
+        self.connections = 0
+        self._lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return   # listener closed: the test is over
+            with conn:
+                conn.settimeout(TIMEOUT)
+                with self._lock:
+                    self.connections += 1
+                try:
+                    data = conn.recv(4096)
+                    self._record(data)
+                    conn.sendall(self.answer)
+                    while data:
+                        data = conn.recv(4096)
+                        self._record(data)
+                except OSError:
+                    continue   # the shim hung up: what it sent is recorded
+
+    def _record(self, data):
+        with self._lock:
+            self.received += data
+
+    def close(self):
+        """Stops accepting."""
+        self.listener.close()
+
+
+class ChainCase(unittest.TestCase):
+    """upsd once per class; each test builds the chain it needs."""
+
+    nut = None
+
+    @classmethod
+    def setUpClass(cls):
+        cls.nut = harness.start_upsd(cls)
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.nut is not None:
+            cls.nut.stop()
+
+    def start_upsdtls(self, *extra):
+        """Starts upsdTLS in front of upsd; returns its port."""
+        port = harness.free_port()
+        proc = harness.start_shim(harness.UPSD_TLS, [
+            "--listen", f"127.0.0.1:{port}", "--upsd", f"127.0.0.1:{self.nut.port}",
+            "--cert", PKI.server_cert, "--key", PKI.server_key, *extra])
+        self.addCleanup(proc.stop)
+        return port
+
+    def start_upsmontls(self, upstream_port, *extra, cafile=None):
+        """Starts upsmonTLS towards upstream_port; returns (proc, port)."""
+        port = harness.free_port()
+        args = ["--listen", f"127.0.0.1:{port}", "--upsd", f"127.0.0.1:{upstream_port}",
+                *extra]
+        if "--cafile" not in extra:
+            args += ["--cafile", cafile or PKI.ca]
+        proc = harness.start_shim(harness.UPSMON_TLS, args)
+        self.addCleanup(proc.stop)
+        return proc, port
+
+    def chain(self, *upsmon_extra, upsd_extra=()):
+        """Starts the whole chain; returns (upsmonTLS proc, its port)."""
+        return self.start_upsmontls(self.start_upsdtls(*upsd_extra), *upsmon_extra)
+
+    def plain(self, port):
+        """A plaintext line client, closed at cleanup."""
+        client = LineClient.connect("127.0.0.1", port)
+        self.addCleanup(client.close)
+        return client
+
+    def direct(self, *commands):
+        """upsd's own replies, one line each, on a direct session."""
+        with LineClient.connect(self.nut.host, self.nut.port) as client:
+            return [client.cmd(command) for command in commands]
+
+    def direct_list(self, query):
+        """upsd's own LIST reply."""
+        with LineClient.connect(self.nut.host, self.nut.port) as client:
+            return client.read_list(query)
+
+    def assert_closed_without_reply(self, port, command="GET VAR dummy ups.status"):
+        """A client of upsmonTLS on port gets no reply and a closed connection."""
+        client = self.plain(port)
+        try:
+            client.send(command.encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            return
+        self.assertEqual(client.read_until_closed(), b"")
+
+
+class TestChain(ChainCase):
+    """A plaintext client through the whole chain."""
+
+    def test_same_replies_as_upsd_and_starttls_answered_locally(self):
+        _, port = self.chain()
+        client = self.plain(port)
+        self.assertEqual(client.cmd("STARTTLS"), "ERR FEATURE-NOT-CONFIGURED")
+        self.assertEqual(client.cmd("GET VAR dummy ups.status"),
+                         self.direct("GET VAR dummy ups.status")[0])
+        self.assertEqual(client.read_list("LIST VAR dummy"), self.direct_list("LIST VAR dummy"))
+        self.assertEqual(client.read_list("LIST UPS"), self.direct_list("LIST UPS"))
+        # Negative control: upsd itself does not say FEATURE-NOT-CONFIGURED
+        # to the shim's STARTTLS (the chain runs TLS).
+        self.assertEqual(client.cmd("starttls"), "ERR FEATURE-NOT-CONFIGURED")
+
+    def test_pipelined_commands_keep_their_order(self):
+        _, port = self.chain()
+        listing = self.direct_list("LIST VAR dummy")
+        ver, status = self.direct("VER", "GET VAR dummy ups.status")
+        client = self.plain(port)
+        client.send(b"VER\nSTARTTLS\nLIST VAR dummy\nstarttls\nGET VAR dummy ups.status\n")
+        expected = [ver, "ERR FEATURE-NOT-CONFIGURED", *listing,
+                    "ERR FEATURE-NOT-CONFIGURED", status]
+        self.assertEqual(read_lines(client, len(expected)), expected)
+
+    def test_mutual_tls(self):
+        upsd_port = self.start_upsdtls("--client-ca", PKI.ca)
+        _, with_cert = self.start_upsmontls(upsd_port, "--cert", PKI.client_cert,
+                                            "--key", PKI.client_key)
+        self.assertEqual(self.plain(with_cert).cmd("GET VAR dummy ups.status"),
+                         'VAR dummy ups.status "OL"')
+        # Negative control: the same chain without the client certificate.
+        _, without = self.start_upsmontls(upsd_port)
+        self.assert_closed_without_reply(without)
+
+
+class TestStockClients(ChainCase):
+    """Real upsc and upsmon through the chain."""
+
+    def setUp(self):
+        harness.require_nut(self)
+
+    def upsc(self, port):
+        """upsc's stdout for the dummy UPS at port."""
+        result = subprocess.run(["upsc", f"dummy@127.0.0.1:{port}"], capture_output=True,
+                                text=True, timeout=TIMEOUT, check=False)
+        return result.returncode, result.stdout
+
+    def test_upsc_prints_what_upsd_gives_directly(self):
+        _, port = self.chain()
+        status, through = self.upsc(port)
+        self.assertEqual(status, 0)
+        self.assertEqual(through, self.upsc(self.nut.port)[1])
+        self.assertIn("ups.status: OL", through)
+        # Negative control: a chain with the wrong CA gives upsc nothing.
+        _, bad = self.start_upsmontls(self.start_upsdtls(), cafile=PKI.other_ca)
+        self.assertNotEqual(self.upsc(bad), (0, through))
+
+    def test_upsmon_logs_in_and_polls(self):
+        _, port = self.chain()
+        with harness.Upsmon("127.0.0.1", port) as upsmon:
+            wait_for(lambda: upsmon.logged_in() and upsmon.polls() >= 2,
+                     what="upsmon logged in and polling through the chain")
+            self.assertEqual(len(harness.upsd_clients(self.nut)), 1)
+        # Negative control: with the upstream gone, upsmon cannot log in.
+        _, broken = self.start_upsmontls(harness.free_port())
+        with harness.Upsmon("127.0.0.1", broken) as upsmon:
+            wait_for(lambda: "connect failed" in upsmon.log_text().lower() or
+                     "disconnect" in upsmon.log_text().lower(), what="upsmon failing")
+            self.assertFalse(upsmon.logged_in())
+
+
+class TestUpstreamFailures(ChainCase):
+    """Whatever goes wrong upstream closes that client; nothing leaks in plaintext."""
+
+    def fake(self, answer):
+        """A FakeUpstream answering STARTTLS with answer."""
+        fake = FakeUpstream(answer)
+        self.addCleanup(fake.close)
+        return fake
+
+    def test_injected_reply_after_ok_starttls_never_reaches_the_client(self):
+        fake = self.fake(b'OK STARTTLS\nVAR dummy ups.status "OB LB"\n')
+        proc, port = self.start_upsmontls(fake.port)
+        client = self.plain(port)
+        client.send(b"GET VAR dummy ups.status\n")
+        self.assertEqual(client.read_until_closed(), b"")
+        wait_for(lambda: "response injection" in proc.log_text(), what="injection log line")
+        self.assertEqual(fake.received, b"STARTTLS\n")
+
+    def test_refused_starttls_closes_the_client_and_sends_nothing_else(self):
+        for answer in (b"ERR FEATURE-NOT-CONFIGURED\n", b"OK STARTTLS NOW\n", b"\n"):
+            fake = self.fake(answer)
+            proc, port = self.start_upsmontls(fake.port)
+            client = self.plain(port)
+            client.send(b"USERNAME mon\nPASSWORD pw\n")
+            self.assertEqual(client.read_until_closed(), b"", answer)
+            wait_for(lambda p=proc: "refused STARTTLS" in p.log_text(), what="log line")
+            self.assertEqual(fake.received, b"STARTTLS\n", answer)
+
+    def test_certificate_problems_are_refused_and_logged(self):
+        upsd_port = self.start_upsdtls()
+        expired_port = harness.free_port()
+        expired = harness.start_shim(harness.UPSD_TLS, [
+            "--listen", f"127.0.0.1:{expired_port}", "--upsd", f"127.0.0.1:{self.nut.port}",
+            "--cert", PKI.server_cert, "--key", PKI.server_key])
+        self.addCleanup(expired.stop)
+        cases = [
+            (upsd_port, ["--cafile", PKI.other_ca], "CERTIFICATE_VERIFY_FAILED"),
+            (upsd_port, ["--server-name", "wrong.example"], "Hostname mismatch"),
+        ]
+        for upstream, extra, needle in cases:
+            proc, port = self.start_upsmontls(upstream, *extra)
+            self.assert_closed_without_reply(port)
+            wait_for(lambda p=proc, n=needle: n in p.log_text(), what=needle)
+        # Negative control: the right CA and name work against the same upsdTLS.
+        _, good = self.start_upsmontls(upsd_port, "--server-name", "localhost")
+        self.assertEqual(self.plain(good).cmd("GET VAR dummy ups.status"),
+                         'VAR dummy ups.status "OL"')
+
+    def test_expired_server_certificate_is_refused(self):
+        # upsdTLS refuses to start with an expired certificate, so serve one
+        # from a bare TLS server that answers STARTTLS like upsdTLS.
+        fake = ExpiredTLSUpstream(PKI.expired_server_cert, PKI.expired_server_key)
+        self.addCleanup(fake.close)
+        proc, port = self.start_upsmontls(fake.port)
+        self.assert_closed_without_reply(port)
+        wait_for(lambda: "certificate has expired" in proc.log_text(), what="expiry log line")
+
+    def test_upstream_down_then_back(self):
+        upstream_port = harness.free_port()
+        proc, port = self.start_upsmontls(upstream_port, "--handshake-timeout", "3")
+        self.assert_closed_without_reply(port)
+        wait_for(lambda: "cannot connect to" in proc.log_text(), what="connect error")
+        upsd_tls = harness.start_shim(harness.UPSD_TLS, [
+            "--listen", f"127.0.0.1:{upstream_port}", "--upsd", f"127.0.0.1:{self.nut.port}",
+            "--cert", PKI.server_cert, "--key", PKI.server_key])
+        self.addCleanup(upsd_tls.stop)
+        self.assertEqual(self.plain(port).cmd("GET VAR dummy ups.status"),
+                         'VAR dummy ups.status "OL"')
+        self.assertIsNone(proc.proc.poll())
+
+    def test_non_loopback_listen_needs_unsafe_listen(self):
+        port = harness.free_port()
+        result = subprocess.run(["python3", str(harness.UPSMON_TLS), "--upsd", "127.0.0.1",
+                                 "--listen", f"0.0.0.0:{port}", "--cafile", PKI.ca],
+                                capture_output=True, text=True, timeout=TIMEOUT, check=False)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("--unsafe-listen", result.stderr)
+        # Negative control: with --unsafe-listen it starts.
+        proc = harness.start_shim(harness.UPSMON_TLS, [
+            "--upsd", "127.0.0.1", "--listen", f"0.0.0.0:{port}", "--cafile", PKI.ca,
+            "--unsafe-listen"])
+        self.addCleanup(proc.stop)
+        self.assertIsNone(proc.proc.poll())
+
+
+class ExpiredTLSUpstream(FakeUpstream):
+    """Answers STARTTLS with OK STARTTLS, then TLS with an expired certificate."""
+
+    def __init__(self, cert, key):
+        self.context = __import__("ssl").SSLContext(__import__("ssl").PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        super().__init__(b"OK STARTTLS\n")
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(TIMEOUT)
+                try:
+                    conn.recv(4096)
+                    conn.sendall(self.answer)
+                    self.context.wrap_socket(conn, server_side=True).close()
+                except OSError:
+                    continue   # the client refused the certificate, as it should
+
+
+if __name__ == "__main__":
+    unittest.main()
