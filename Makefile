@@ -31,8 +31,13 @@ $(VENV)/bin/pylint: requirements-dev.txt
 test:
 	$(PYTHON) -m unittest discover -s test -t test -v
 
+# Speed against a direct upsd session and a stunnel pair (bench/README).
 bench:
 	$(PYTHON) bench/bench.py
+
+# Faults, load and hostile input, longer than `make test` (bench/stress.py).
+stress:
+	$(PYTHON) bench/stress.py
 
 clean:
 	rm -rf $(VENV) test/__pycache__ bench/__pycache__ __pycache__ bench/results

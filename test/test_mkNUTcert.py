@@ -30,6 +30,8 @@ import threading
 import time
 import unittest
 
+import harness
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "mkNUTcert.py")
 _SPEC = importlib.util.spec_from_file_location("mkNUTcert", SCRIPT)
@@ -691,3 +693,99 @@ class OutputTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class ChainTest(unittest.TestCase):
+    """Certificates from a bare `mkNUTcert.py --dir D` drive the whole chain.
+
+    Goal of this test: the default run's files work as-is for upsdTLS
+    (--cert, --client-ca) and upsmonTLS (--cafile, --cert) against real
+    upsd, for EC and RSA keys, and an `nssdb` database lets real upsmon
+    verify upsdTLS with CERTVERIFY 1 and FORCESSL 1; the same chain without
+    the client certificate, or an NSS database of another CA, fails.
+    """
+
+    nut = None
+
+    @classmethod
+    def setUpClass(cls):
+        cls.nut = harness.start_upsd(cls)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.nut.stop()
+
+    def default_run(self, *extra):
+        """A bare default run in a new directory: (dir, {role: (cert, key)})."""
+        directory = make_tmp(self)
+        os.chmod(directory, 0o755)   # upsmon (as nobody) reads an nssdb below it
+        status, _, err = run_main("--dir", directory, *extra)
+        self.assertEqual(status, 0, err)
+        files = {}
+        for name in os.listdir(directory):
+            if name.endswith(".cert.pem") and name != "ca.cert.pem":
+                stem = name[:-len(".cert.pem")]
+                role = "client" if stem.endswith("-client") else "server"
+                files[role] = (os.path.join(directory, name),
+                               os.path.join(directory, stem + ".key.pem"))
+        return directory, files
+
+    def chain(self, directory, files, client_cert=True):
+        """upsdTLS (--client-ca) and upsmonTLS from the run's files: upsmonTLS's port."""
+        upsd_port, mon_port = harness.free_port(), harness.free_port()
+        cert, key = files["server"]
+        harness.start_shim(harness.UPSD_TLS, [
+            "--listen", f"127.0.0.1:{upsd_port}", "--upsd", f"127.0.0.1:{self.nut.port}",
+            "--cert", cert, "--key", key,
+            "--client-ca", os.path.join(directory, "ca.cert.pem")], testcase=self)
+        args = ["--listen", f"127.0.0.1:{mon_port}", "--upsd", f"127.0.0.1:{upsd_port}",
+                "--cafile", os.path.join(directory, "ca.cert.pem")]
+        if client_cert:
+            args += ["--cert", files["client"][0], "--key", files["client"][1]]
+        harness.start_shim(harness.UPSMON_TLS, args, testcase=self)
+        return mon_port, upsd_port
+
+    def assert_chain_works(self, *extra):
+        """The default run's certificates (with extra options) carry a GET VAR."""
+        directory, files = self.default_run(*extra)
+        port, _ = self.chain(directory, files)
+        with harness.LineClient.connect("127.0.0.1", port) as client:
+            self.assertEqual(client.cmd("GET VAR dummy ups.status"),
+                             'VAR dummy ups.status "OL"')
+        # Negative control: without the client certificate upsdTLS refuses.
+        port, _ = self.chain(directory, files, client_cert=False)
+        with harness.LineClient.connect("127.0.0.1", port) as client:
+            client.send(b"GET VAR dummy ups.status\n")
+            self.assertEqual(client.read_until_closed(), b"")
+
+    def test_default_ec_certificates_work_end_to_end(self):
+        self.assert_chain_works()
+
+    def test_rsa_certificates_work_end_to_end(self):
+        self.assert_chain_works("--key-type", "rsa")
+
+    def test_upsmon_verifies_upsdtls_through_an_nssdb(self):
+        harness.require_nut(self)
+        need_certutil(self)
+        owner = "nobody" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+        directory, files = self.default_run()
+        other, _ = self.default_run()
+        for ca_dir, works in ((directory, True), (other, False)):
+            nssdir = os.path.join(ca_dir, "nssdb")
+            status, out, err = run_main("--dir", ca_dir, "--owner", owner, "nssdb", nssdir)
+            self.assertEqual(status, 0, err)
+            self.assertIn(f"CERTPATH {nssdir}", out)
+            # upsmon has no client certificate: an upsdTLS without --client-ca.
+            port = harness.free_port()
+            harness.start_shim(harness.UPSD_TLS, [
+                "--listen", f"127.0.0.1:{port}", "--upsd", f"127.0.0.1:{self.nut.port}",
+                "--cert", files["server"][0], "--key", files["server"][1]], testcase=self)
+            with harness.Upsmon("127.0.0.1", port, extra=[
+                    "FORCESSL 1", "CERTVERIFY 1", f"CERTPATH {nssdir}"]) as upsmon:
+                if works:
+                    harness.wait_for(lambda m=upsmon: m.logged_in() and m.polls() >= 2,
+                                     what="upsmon polling with the nssdb")
+                else:
+                    harness.wait_for(lambda m=upsmon: "failed" in m.log_text(),
+                                     what="upsmon refusing another CA")
+                    self.assertFalse(upsmon.logged_in())
