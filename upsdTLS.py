@@ -1067,7 +1067,6 @@ def open_servers(settings, shared):
                     continue
                 raise OSError(f"cannot listen on {format_address(address)}: "
                               f"{describe_error(exc)}") from None
-            log.info("listening on %s", format_address(servers[-1].server_address))
     except BaseException:
         for server in servers:
             server.server_close()
@@ -1107,11 +1106,15 @@ def setup_logging(settings):
     """Logs to stderr, or to syslog with --syslog/--daemon; raises ConfigError if unusable."""
     level = logging.DEBUG if settings.verbose else logging.INFO
     if settings.syslog or settings.daemon:
+        # SysLogHandler ignores a missing syslog daemon and would then drop
+        # every line; find out now instead.
         try:
-            handler = logging.handlers.SysLogHandler(
-                address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+                probe.connect("/dev/log")
         except OSError as exc:
             raise ConfigError(f"--syslog: cannot reach /dev/log: {describe_error(exc)}") from None
+        handler = logging.handlers.SysLogHandler(
+            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
         handler.setFormatter(logging.Formatter(f"{PROG}[%(process)d]: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -1225,6 +1228,8 @@ def main(argv=None):
         return 1
     if settings.daemon:
         daemonize()
+    for server in servers:
+        log.info("listening on %s", format_address(server.server_address))
     try:
         if settings.pidfile:
             write_pidfile(settings.pidfile)

@@ -16,6 +16,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import unittest
@@ -59,6 +60,24 @@ def read_lines(client, count):
 def process_counts(pid):
     """(threads, open descriptors) of a process."""
     return (len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd")))
+
+
+def read_file(path):
+    """The text of path, or '' while it does not exist."""
+    try:
+        with open(path, encoding="ascii") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return ""
+
+
+def alive(pid):
+    """True while pid runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def current_user():
@@ -475,6 +494,60 @@ class TestDaemon(ShimCase):
         self.assertEqual(set(uids), {str(nut.pw_uid)})
         self.assertEqual(self.tls(port).cmd("GET VAR dummy ups.status"),
                          'VAR dummy ups.status "OL"')
+
+    def test_options_from_a_file(self):
+        workdir = tempfile.mkdtemp(prefix="nuttls-opt-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        port = harness.free_port()
+        options = os.path.join(workdir, "upsdTLS.conf")
+        with open(options, "w", encoding="ascii") as handle:
+            handle.write(f"# upsdTLS options\n--listen 127.0.0.1:{port}\n"
+                         f"--upsd 127.0.0.1:{self.nut.port}\n\n--cert '{PKI.server_cert}'\n"
+                         f"--key {PKI.server_key}  # the key\n")
+        proc = harness.Proc([sys.executable, str(harness.UPSD_TLS), f"@{options}", "--user",
+                             current_user()], ready_marks=[f"listening on 127.0.0.1:{port}"])
+        self.addCleanup(proc.stop)
+        self.assertEqual(self.tls(port).cmd("GET VAR dummy ups.status"),
+                         'VAR dummy ups.status "OL"')
+        self.assertIsNone(proc.proc.poll())
+        # Negative control: an unknown option in the file is a usage error.
+        with open(options, "a", encoding="ascii") as handle:
+            handle.write("--no-such-option\n")
+        status, stderr = self.run_shim(f"@{options}")
+        self.assertEqual(status, 2)
+        self.assertIn("--no-such-option", stderr)
+
+    def test_daemon_detaches_logs_to_syslog_and_stops_on_sigterm(self):
+        if os.path.exists("/dev/log") or os.geteuid() != 0:
+            self.skipTest("needs root and no syslog daemon, to listen on /dev/log itself")
+        syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(syslog.close)
+        # Negative control first: without /dev/log, --syslog is a configuration error.
+        status, stderr = self.run_shim("--syslog", "--cert", PKI.server_cert)
+        self.assertEqual((status, "--syslog" in stderr), (2, True), stderr)
+        syslog.bind("/dev/log")
+        self.addCleanup(os.unlink, "/dev/log")
+        workdir = tempfile.mkdtemp(prefix="nuttls-daemon-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        pidfile, port = os.path.join(workdir, "upsdTLS.pid"), harness.free_port()
+        status, stderr = self.run_shim(
+            "--daemon", "--pidfile", pidfile, "--listen", f"127.0.0.1:{port}",
+            "--upsd", f"127.0.0.1:{self.nut.port}", "--cert", PKI.server_cert,
+            "--key", PKI.server_key, "--user", current_user())
+        self.assertEqual((status, stderr), (0, ""))
+        pid = int(wait_for(lambda: read_file(pidfile).strip(), what="pidfile"))
+        self.addCleanup(lambda: alive(pid) and os.kill(pid, signal.SIGKILL))
+        self.assertEqual(self.tls(port).cmd("GET VAR dummy ups.status"),
+                         'VAR dummy ups.status "OL"')
+        syslog.settimeout(TIMEOUT)
+        messages = b""
+        while b"session 1 open" not in messages:
+            messages += syslog.recv(4096) + b"\n"
+        self.assertIn(f"upsdTLS[{pid}]: listening on 127.0.0.1:{port}".encode(), messages)
+        self.assertIn(f"upsdTLS[{pid}]: session 1 open".encode(), messages)
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not alive(pid) and not os.path.exists(pidfile),
+                 what="daemon gone and pidfile removed")
 
     def run_shim(self, *args):
         """Runs upsdTLS to completion; returns (status, stderr)."""
