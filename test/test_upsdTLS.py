@@ -474,18 +474,20 @@ class TestDaemon(ShimCase):
         proc, _ = self.start_shim()
         self.assertEqual(proc.stop(signal.SIGINT), 0)
 
-    def test_privileges_are_dropped_after_binding(self):
+    def test_drops_to_nut_by_default_and_still_works_without_reading_python(self):
+        # Started as root without --user, the shim becomes nut.  The Python
+        # running it lives under /root, which nut cannot read: everything the
+        # daemon needs after the drop must already be imported.
         if os.geteuid() != 0:
             self.skipTest("needs root to switch users")
         try:
             nut = pwd.getpwnam("nut")
         except KeyError:
             self.skipTest("no user nut")
-        python = "/usr/bin/python3"   # readable by nut, unlike a Python under /root
         port = harness.free_port()
-        proc = harness.Proc([python, str(harness.UPSD_TLS), "--listen", f"127.0.0.1:{port}",
-                             "--upsd", f"127.0.0.1:{self.nut.port}", "--cert",
-                             PKI.server_cert, "--key", PKI.server_key, "--user", "nut"],
+        proc = harness.Proc([sys.executable, str(harness.UPSD_TLS), "--listen",
+                             f"127.0.0.1:{port}", "--upsd", f"127.0.0.1:{self.nut.port}",
+                             "--cert", PKI.server_cert, "--key", PKI.server_key],
                             ready_marks=[f"listening on 127.0.0.1:{port}"])
         self.addCleanup(proc.stop)
         wait_for(lambda: "running as user nut" in proc.log_text(), what="drop log line")
@@ -494,6 +496,18 @@ class TestDaemon(ShimCase):
         self.assertEqual(set(uids), {str(nut.pw_uid)})
         self.assertEqual(self.tls(port).cmd("GET VAR dummy ups.status"),
                          'VAR dummy ups.status "OL"')
+        with self.assertRaises(ssl.SSLError):     # a failed handshake is logged
+            self.plain(port).starttls(client_context(maximum=ssl.TLSVersion.TLSv1_2),
+                                      "127.0.0.1")
+        self.plain(port).send("STARTTLS\nGET \u00e9\x00\n".encode())   # so is an injection
+        # The key is root's and 0600: the reload fails, says why, keeps serving.
+        os.kill(proc.pid, signal.SIGHUP)
+        wait_for(lambda: "files are read as user nut" in proc.log_text(), what="reload hint")
+        wait_for(lambda: proc.log_text().count("closed: peer") >= 2, what="close lines")
+        self.assertEqual(self.tls(port).cmd("GET VAR dummy ups.status"),
+                         'VAR dummy ups.status "OL"')
+        self.assertNotIn("Traceback", proc.log_text())
+        self.assertNotIn("unknown encoding", proc.log_text())
 
     def test_options_from_a_file(self):
         workdir = tempfile.mkdtemp(prefix="nuttls-opt-")
