@@ -10,7 +10,9 @@ own; mutual TLS works; non-loopback listening needs --unsafe-listen.  Each
 success sits beside a negative control.
 """
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -312,6 +314,57 @@ class TestUpstreamFailures(ChainCase):
             "--unsafe-listen"])
         self.addCleanup(proc.stop)
         self.assertIsNone(proc.proc.poll())
+
+
+class TestDaemon(ChainCase):
+    """Signals, pidfile and configuration errors of upsmonTLS."""
+
+    def test_sighup_reloads_the_ca_for_new_sessions(self):
+        workdir = tempfile.mkdtemp(prefix="nuttls-hup-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        cafile = os.path.join(workdir, "ca.pem")
+        shutil.copy(PKI.other_ca, cafile)
+        proc, port = self.start_upsmontls(self.start_upsdtls(), cafile=cafile)
+        self.assert_closed_without_reply(port)      # the wrong CA: refused
+        shutil.copy(PKI.ca, cafile)
+        os.kill(proc.pid, signal.SIGHUP)
+        wait_for(lambda: "reloaded certificates" in proc.log_text(), what="reload log line")
+        self.assertEqual(self.plain(port).cmd("GET VAR dummy ups.status"),
+                         'VAR dummy ups.status "OL"')
+        # Negative control: a broken CA file is refused and the good one kept.
+        with open(cafile, "w", encoding="ascii") as handle:
+            handle.write("garbage\n")
+        os.kill(proc.pid, signal.SIGHUP)
+        wait_for(lambda: "reload failed, keeping the previous" in proc.log_text(),
+                 what="failed reload log line")
+        self.assertEqual(self.plain(port).cmd("GET VAR dummy ups.status"),
+                         'VAR dummy ups.status "OL"')
+
+    def test_sigterm_exits_0_and_removes_the_pidfile(self):
+        workdir = tempfile.mkdtemp(prefix="nuttls-pid-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        pidfile = os.path.join(workdir, "upsmonTLS.pid")
+        proc, port = self.start_upsmontls(self.start_upsdtls(), "--pidfile", pidfile)
+        client = self.plain(port)
+        self.assertEqual(client.cmd("GET VAR dummy ups.status"), 'VAR dummy ups.status "OL"')
+        self.assertTrue(os.path.exists(pidfile))
+        self.assertEqual(proc.stop(signal.SIGTERM), 0)
+        self.assertFalse(os.path.exists(pidfile))
+        self.assertEqual(client.readline(), b"")
+
+    def test_configuration_errors_exit_2_naming_the_option(self):
+        cases = [([], "--upsd"), (["--upsd", "h", "--cafile", "/nonexistent.pem"], "--cafile"),
+                 (["--upsd", "h", "--key", PKI.client_key], "--key needs --cert"),
+                 (["--upsd", "h:0"], "--upsd"), (["--upsd", "h", "--tls-min", "1.1"],
+                                                   "--tls-min"),
+                 (["--upsd", "h", "--cafile", PKI.server_key], "--cafile")]
+        for args, needle in cases:
+            result = subprocess.run(["python3", str(harness.UPSMON_TLS), "--listen",
+                                     f"127.0.0.1:{harness.free_port()}", *args],
+                                    capture_output=True, text=True, timeout=TIMEOUT,
+                                    check=False)
+            self.assertEqual(result.returncode, 2, (args, result.stderr))
+            self.assertIn(needle, result.stderr, args)
 
 
 class ExpiredTLSUpstream(FakeUpstream):
