@@ -745,6 +745,7 @@ class Session:
         self.started = time.monotonic()
         self.client = Endpoint(sock, "client")
         self.upstream = None
+        self.context = None
 
     def run(self):
         """Opens, relays and closes the session, logging its open and close lines."""
@@ -763,7 +764,9 @@ class Session:
                 time.monotonic() - self.started, reason)
 
     def close(self):
-        """Closes both sides, the client first."""
+        """Closes both sides, the client first, keeping the TLS session for resumption."""
+        if self.upstream is not None and self.upstream.tls:
+            self.shared.keep_session(self.context, self.upstream.sock)
         for endpoint in (self.client, self.upstream):
             if endpoint is not None:
                 endpoint.close()
@@ -783,15 +786,17 @@ class Session:
         sock = self.connect_upstream(deadline)
         self.upstream = Endpoint(sock, "upstream")
         self.starttls(sock, deadline)
-        tls = self.shared.context.wrap_socket(sock, server_hostname=self.settings.server_name,
-                                              do_handshake_on_connect=False)
+        self.context = self.shared.context
+        tls = self.context.wrap_socket(sock, server_hostname=self.settings.server_name,
+                                       session=self.shared.resumable_session(self.context),
+                                       do_handshake_on_connect=False)
         self.upstream.use_socket(tls)
         self.handshake(tls, deadline)
         names = ", ".join(certificate_names(tls.getpeercert()))
-        log.info("session %d open: peer %s, upstream %s from local port %d, %s %s, "
+        log.info("session %d open: peer %s, upstream %s from local port %d, %s %s%s, "
                  "server certificate %s", self.id, self.peer,
                  format_address(self.settings.upsd), tls.getsockname()[1], tls.version(),
-                 tls.cipher()[0], names)
+                 tls.cipher()[0], " (resumed)" if tls.session_reused else "", names)
 
     def connect_upstream(self, deadline):
         """Returns a non-blocking socket connected to --upsd, or raises SessionEnd."""
@@ -922,6 +927,10 @@ class Shared:
         self.stop_fd, self._stop_w = os.pipe()
         self._lock = threading.Lock()
         self._sessions = 0
+        # The last TLS session upstream that can be resumed, with the
+        # context it belongs to: resumption skips the certificate exchange
+        # and signatures, the bulk of a new session's cost.
+        self._resumable = (None, None)
 
     def admit(self):
         """Takes a session slot; False when --max-connections are open."""
@@ -940,6 +949,21 @@ class Shared:
         """The number of sessions open now."""
         with self._lock:
             return self._sessions
+
+    def resumable_session(self, context):
+        """A TLS session to resume with context, or None."""
+        owner, session = self._resumable
+        return session if owner is context else None
+
+    def keep_session(self, context, tls):
+        """Remembers tls's session for resumption, if the server gave a ticket.
+
+        TLS 1.3 tickets arrive after the handshake, so this is called when
+        the session ends, not when it starts.
+        """
+        session = tls.session
+        if session is not None and session.has_ticket:
+            self._resumable = (context, session)
 
     def stop(self):
         """Wakes every session so it closes; called once, at shutdown."""

@@ -195,6 +195,21 @@ class TestChain(ChainCase):
         self.assert_closed_without_reply(without)
 
 
+    def test_later_sessions_resume_tls_and_keep_the_client_certificate(self):
+        proc, port = self.start_upsmontls(
+            self.start_upsdtls("--client-ca", PKI.ca, "--allow-client", "client1"),
+            "--cert", PKI.client_cert, "--key", PKI.client_key)
+        for _ in range(3):
+            with LineClient.connect("127.0.0.1", port) as client:
+                self.assertEqual(client.cmd("GET VAR dummy ups.status"),
+                                 'VAR dummy ups.status "OL"')
+                self.assertEqual(client.cmd("LOGOUT"), "OK Goodbye")
+        wait_for(lambda: proc.log_text().count("closed: peer") == 3, what="three sessions")
+        opened = [line for line in proc.log_text().splitlines() if " open: " in line]
+        # Negative control: the first session has nothing to resume.
+        self.assertEqual(["(resumed)" in line for line in opened], [False, True, True])
+
+
 class TestStockClients(ChainCase):
     """Real upsc and upsmon through the chain."""
 
