@@ -305,13 +305,18 @@ def own_certificate(path, option):
         log.warning("%s %s: cannot read its names and dates: %s", option, path,
                     describe_error(exc))
         return None
-    ends = datetime.datetime.fromtimestamp(ssl.cert_time_to_seconds(info["notAfter"]),
-                                           datetime.timezone.utc)
+    starts, ends = (datetime.datetime.fromtimestamp(ssl.cert_time_to_seconds(info[key]),
+                                                    datetime.timezone.utc)
+                    for key in ("notBefore", "notAfter"))
     names = ", ".join(certificate_names(info)) or "(no names)"
     now = datetime.datetime.now(datetime.timezone.utc)
     if ends <= now:
         raise ConfigError(f"{option} {path}: certificate expired on {ends:%Y-%m-%d %H:%M} UTC")
     log.info("%s %s: %s, valid until %s UTC", option, path, names, f"{ends:%Y-%m-%d %H:%M}")
+    if starts > now:
+        # Not an error: a host that boots with a wrong clock must still start.
+        log.warning("certificate %s is not valid before %s UTC: peers will refuse it until "
+                    "then (check this host's clock)", path, f"{starts:%Y-%m-%d %H:%M}")
     warn_if_expiring(path, ends)
     return ends
 
@@ -1136,9 +1141,19 @@ def setup_logging(settings):
 
 
 def daemonize():
-    """Detaches from the terminal: double fork, new session, stdio to /dev/null."""
+    """Detaches from the terminal: double fork, new session, stdio to /dev/null.
+
+    The starting process waits until the daemon calls report_ready() and
+    exits with the status it reports (1 if the daemon dies first), so an
+    init script learns about a bad --pidfile or --user like a foreground
+    start would.  Returns the descriptor to pass to report_ready().
+    """
+    ready_r, ready_w = os.pipe()
     if os.fork() > 0:
-        os._exit(0)  # pylint: disable=protected-access
+        os.close(ready_w)
+        status = os.read(ready_r, 1)
+        os._exit(status[0] if status else 1)  # pylint: disable=protected-access
+    os.close(ready_r)
     os.setsid()
     if os.fork() > 0:
         os._exit(0)  # pylint: disable=protected-access
@@ -1147,6 +1162,14 @@ def daemonize():
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
+    return ready_w
+
+
+def report_ready(ready_fd, status):
+    """Tells the process that started the daemon how the start went (see daemonize)."""
+    if ready_fd is not None:
+        os.write(ready_fd, bytes([status]))
+        os.close(ready_fd)
 
 
 def write_pidfile(path):
@@ -1237,8 +1260,7 @@ def main(argv=None):
     except OSError as exc:
         log.error("%s", exc)
         return 1
-    if settings.daemon:
-        daemonize()
+    ready_fd = daemonize() if settings.daemon else None
     for server in servers:
         log.info("listening on %s", format_address(server.server_address))
     try:
@@ -1249,7 +1271,10 @@ def main(argv=None):
             log.warning("running as root: no --user given and no user nut")
     except (ConfigError, OSError) as exc:
         log.error("%s", exc)
-        return 2 if isinstance(exc, ConfigError) else 1
+        status = 2 if isinstance(exc, ConfigError) else 1
+        report_ready(ready_fd, status)
+        return status
+    report_ready(ready_fd, 0)
     try:
         serve(servers, shared)
     finally:

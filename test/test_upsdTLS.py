@@ -360,7 +360,9 @@ class TestTLSPolicy(ShimCase):
 
     def test_allow_client_names_the_accepted_certificates(self):
         proc, port = self.start_shim("--client-ca", PKI.ca, "--allow-client", "client1")
-        self.assert_refused(port, client_context(cert=PKI.client2_cert, key=PKI.client2_key))
+        refused = self.tls(port, client_context(cert=PKI.client2_cert, key=PKI.client2_key))
+        self.assertEqual(refused.readline(), b"ERR ACCESS-DENIED\n")
+        self.assertEqual(refused.read_until_closed(), b"")
         wait_for(lambda: "not allowed (--allow-client): CN=client2" in proc.log_text(),
                  what="refusal log line")
         client = self.tls(port, client_context(cert=PKI.client_cert, key=PKI.client_key))
@@ -550,6 +552,12 @@ class TestDaemon(ShimCase):
             "--key", PKI.server_key, "--user", current_user())
         self.assertEqual((status, stderr), (0, ""))
         pid = int(wait_for(lambda: read_file(pidfile).strip(), what="pidfile"))
+        # Negative control: a pidfile the daemon cannot write fails the start.
+        status, _ = self.run_shim(
+            "--daemon", "--pidfile", os.path.join(workdir, "no", "such.pid"), "--listen",
+            f"127.0.0.1:{harness.free_port()}", "--cert", PKI.server_cert,
+            "--key", PKI.server_key, "--user", current_user())
+        self.assertEqual(status, 2)
         self.addCleanup(lambda: alive(pid) and os.kill(pid, signal.SIGKILL))
         self.assertEqual(self.tls(port).cmd("GET VAR dummy ups.status"),
                          'VAR dummy ups.status "OL"')
