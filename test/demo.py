@@ -24,7 +24,6 @@ import os
 import pathlib
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,11 +50,13 @@ def make_certificates(tmp):
                           capture_output=True, text=True, timeout=harness.TIMEOUT, check=False)
     if done.returncode:
         raise RuntimeError(f'mkNUTcert.py failed ({done.returncode}):\n{done.stderr}')
-    # The no-command run names the server certificate after this host.
-    host = socket.gethostname()
     for line in done.stdout.splitlines():
         if line.startswith(('wrote', '    key', '    names')):
             print('   ', line.strip())
+    # The no-command run names the certificates after this host (its FQDN
+    # where it has one): HOST.cert.pem and HOST-client.cert.pem.
+    host = re.search(r'^wrote server certificate .*/([^/]+)\.cert\.pem ', done.stdout,
+                     re.MULTILINE)[1]
     return tls, host
 
 
