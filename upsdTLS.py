@@ -263,6 +263,9 @@ def build_context(settings):
     # TLS 1.2 renegotiation is a second handshake inside the session: refuse it.
     # (getattr: the constant is missing when Python was built without it.)
     context.options |= ssl.OP_NO_COMPRESSION | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    # One TLS 1.3 session ticket per handshake (OpenSSL sends two): enough
+    # for upsmonTLS to resume, and each costs an encryption and a write.
+    context.num_tickets = 1
     try:
         context.load_cert_chain(settings.cert, settings.key)
     except (OSError, ssl.SSLError) as exc:

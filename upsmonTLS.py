@@ -84,6 +84,10 @@ SEND_CHUNK = 16 * 1024
 # After one side has closed: how long the other may still deliver what is
 # due (replies to commands already sent, queued bytes).
 CLOSE_TIMEOUT = 2.0
+# How long one resumable TLS session is reused before a newer one is kept:
+# OpenSSL's tickets live 7200 s, and reading tls.session copies the session
+# (its certificate included), too dear to do at every close.
+SESSION_REFRESH = 60.0
 # On SIGTERM: how long open sessions get to close before the process exits.
 STOP_GRACE = 2.0
 # The default backlog of 5 makes a burst of upsmon clients reconnecting
@@ -935,7 +939,7 @@ class Shared:
         # The last TLS session upstream that can be resumed, with the
         # context it belongs to: resumption skips the certificate exchange
         # and signatures, the bulk of a new session's cost.
-        self._resumable = (None, None)
+        self._resumable = (None, None, 0.0)
 
     def admit(self):
         """Takes a session slot; False when --max-connections are open."""
@@ -957,7 +961,7 @@ class Shared:
 
     def resumable_session(self, context):
         """A TLS session to resume with context, or None."""
-        owner, session = self._resumable
+        owner, session, _ = self._resumable
         return session if owner is context else None
 
     def keep_session(self, context, tls):
@@ -966,9 +970,12 @@ class Shared:
         TLS 1.3 tickets arrive after the handshake, so this is called when
         the session ends, not when it starts.
         """
+        owner, kept, since = self._resumable
+        if owner is context and kept is not None and time.monotonic() - since < SESSION_REFRESH:
+            return
         session = tls.session
         if session is not None and session.has_ticket:
-            self._resumable = (context, session)
+            self._resumable = (context, session, time.monotonic())
 
     def stop(self):
         """Wakes every session so it closes; called once, at shutdown."""
