@@ -320,6 +320,26 @@ def warn_if_expiring(path, ends):
                     path, max(left.days, 0), f"{ends:%Y-%m-%d %H:%M}")
 
 
+# Peer certificates seen, by their DER bytes: decoding one into names costs
+# more than the rest of a resumed session's setup, and peers are few.
+_PEERS = {}
+PEERS_CACHED = 64
+
+
+def peer_certificate(tls):
+    """(decoded certificate or None, its names for the log) of a TLS peer."""
+    der = tls.getpeercert(binary_form=True)
+    if der is None:
+        return None, "none"
+    known = _PEERS.get(der)
+    if known is None:
+        if len(_PEERS) >= PEERS_CACHED:
+            _PEERS.clear()
+        info = tls.getpeercert()
+        known = _PEERS[der] = (info, ", ".join(certificate_names(info)))
+    return known
+
+
 def certificate_names(info):
     """Returns 'CN=...', 'DNS:...', 'IP:...' strings from a decoded certificate."""
     names = [f"CN={value}" for rdn in info.get("subject", ()) for key, value in rdn
@@ -536,6 +556,7 @@ class Endpoint:
         self.half_closed = False
         self.received = 0
         self.sent = 0
+        self.filled = False
 
     def use_socket(self, sock):
         """Continues on sock, the TLS layer now wrapped around this side's socket."""
@@ -555,6 +576,7 @@ class Endpoint:
             raise self._failure(exc) from None
         self.received += len(data)
         self.eof = not data
+        self.filled = len(data) == RECV_SIZE
         return data
 
     def flush(self):
@@ -570,8 +592,12 @@ class Endpoint:
             self.sent += sent
 
     def pending(self):
-        """True when TLS holds decrypted bytes that poll() cannot see."""
-        return self.tls and self.sock.pending() > 0
+        """True when TLS holds decrypted bytes that poll() cannot see.
+
+        Only a read that filled its buffer can have left some behind: a
+        shorter one emptied the TLS record it came from.
+        """
+        return self.filled and self.tls and self.sock.pending() > 0
 
     def half_close(self):
         """Signals end of stream once out is written; plain TCP only.
@@ -801,8 +827,7 @@ class Session:
                                               do_handshake_on_connect=False)
         self.client.use_socket(tls)
         self.handshake(tls, deadline)
-        cert = tls.getpeercert()
-        names = ", ".join(certificate_names(cert)) if cert else "none"
+        cert, names = peer_certificate(tls)
         if cert and self.settings.allow_client and not client_certificate_allowed(
                 cert, self.settings.allow_client):
             # TLS 1.3 has already told the client the handshake succeeded:
@@ -858,16 +883,9 @@ class Session:
                                  logging.WARNING) from None
 
     def connect_upsd(self):
-        """Returns a non-blocking socket connected to upsd, or raises SessionEnd."""
-        host, port = self.settings.upsd
-        try:
-            sock = socket.create_connection((host, port), self.settings.handshake_timeout)
-        except OSError as exc:
-            raise SessionEnd(f"cannot connect to upsd {format_address((host, port))}: "
-                             f"{describe_error(exc)}", logging.ERROR) from None
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+        """Returns a non-blocking socket connected to upsd (see connect)."""
+        return self.connect(self.settings.upsd, "upsd",
+                            time.monotonic() + self.settings.handshake_timeout)
 
     def local_reply(self, word):
         """The shim's own reply to a command it must not relay, or None."""
@@ -878,6 +896,37 @@ class Session:
         return Relay(self.client, self.upstream, self.shared, self.local_reply).run()
 
     # -- small blocking helpers for the phases before the relay
+
+    def connect(self, address, name, deadline):
+        """Returns a non-blocking TCP_NODELAY socket connected to address by deadline.
+
+        Tries every address the host resolves to; raises SessionEnd naming
+        the last cause when none answers.
+        """
+        host, port = address
+        where = f"{name} {format_address(address)}"
+        try:
+            candidates = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise SessionEnd(f"cannot connect to {where}: {describe_error(exc)}",
+                             logging.ERROR) from None
+        error = 0
+        for family, kind, proto, _, sockaddr in candidates:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                error = sock.connect_ex(sockaddr)
+                if error == errno.EINPROGRESS:
+                    self.wait(sock, select.POLLOUT, deadline, f"connect to {where}")
+                    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except BaseException:
+                sock.close()
+                raise
+            if not error:
+                return sock
+            sock.close()
+        raise SessionEnd(f"cannot connect to {where}: {os.strerror(error)}", logging.ERROR)
 
     def wait(self, sock, events, deadline, phase):
         """Blocks until sock is ready for events; raises SessionEnd on deadline or stop."""

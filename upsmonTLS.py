@@ -333,6 +333,26 @@ def warn_if_expiring(path, ends):
                     path, max(left.days, 0), f"{ends:%Y-%m-%d %H:%M}")
 
 
+# Peer certificates seen, by their DER bytes: decoding one into names costs
+# more than the rest of a resumed session's setup, and peers are few.
+_PEERS = {}
+PEERS_CACHED = 64
+
+
+def peer_certificate(tls):
+    """(decoded certificate or None, its names for the log) of a TLS peer."""
+    der = tls.getpeercert(binary_form=True)
+    if der is None:
+        return None, "none"
+    known = _PEERS.get(der)
+    if known is None:
+        if len(_PEERS) >= PEERS_CACHED:
+            _PEERS.clear()
+        info = tls.getpeercert()
+        known = _PEERS[der] = (info, ", ".join(certificate_names(info)))
+    return known
+
+
 def certificate_names(info):
     """Returns 'CN=...', 'DNS:...', 'IP:...' strings from a decoded certificate."""
     names = [f"CN={value}" for rdn in info.get("subject", ()) for key, value in rdn
@@ -530,6 +550,7 @@ class Endpoint:
         self.half_closed = False
         self.received = 0
         self.sent = 0
+        self.filled = False
 
     def use_socket(self, sock):
         """Continues on sock, the TLS layer now wrapped around this side's socket."""
@@ -549,6 +570,7 @@ class Endpoint:
             raise self._failure(exc) from None
         self.received += len(data)
         self.eof = not data
+        self.filled = len(data) == RECV_SIZE
         return data
 
     def flush(self):
@@ -564,8 +586,12 @@ class Endpoint:
             self.sent += sent
 
     def pending(self):
-        """True when TLS holds decrypted bytes that poll() cannot see."""
-        return self.tls and self.sock.pending() > 0
+        """True when TLS holds decrypted bytes that poll() cannot see.
+
+        Only a read that filled its buffer can have left some behind: a
+        shorter one emptied the TLS record it came from.
+        """
+        return self.filled and self.tls and self.sock.pending() > 0
 
     def half_close(self):
         """Signals end of stream once out is written; plain TCP only.
@@ -792,7 +818,7 @@ class Session:
         deadline = self.started + self.settings.handshake_timeout
         self.client.sock.setblocking(False)
         self.client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock = self.connect_upstream(deadline)
+        sock = self.connect(self.settings.upsd, "upstream", deadline)
         self.upstream = Endpoint(sock, "upstream")
         self.starttls(sock, deadline)
         self.context = self.shared.context
@@ -801,23 +827,11 @@ class Session:
                                        do_handshake_on_connect=False)
         self.upstream.use_socket(tls)
         self.handshake(tls, deadline)
-        names = ", ".join(certificate_names(tls.getpeercert()))
+        _, names = peer_certificate(tls)
         log.info("session %d open: peer %s, upstream %s from local port %d, %s %s%s, "
                  "server certificate %s", self.id, self.peer,
                  format_address(self.settings.upsd), tls.getsockname()[1], tls.version(),
                  tls.cipher()[0], " (resumed)" if tls.session_reused else "", names)
-
-    def connect_upstream(self, deadline):
-        """Returns a non-blocking socket connected to --upsd, or raises SessionEnd."""
-        host, port = self.settings.upsd
-        try:
-            sock = socket.create_connection((host, port), max(deadline - time.monotonic(), 0.1))
-        except OSError as exc:
-            raise SessionEnd(f"cannot connect to {format_address((host, port))}: "
-                             f"{describe_error(exc)}", logging.ERROR) from None
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
 
     def starttls(self, sock, deadline):
         """Sends STARTTLS and requires exactly `OK STARTTLS` with nothing behind it.
@@ -863,6 +877,37 @@ class Session:
         return Relay(self.client, self.upstream, self.shared, self.local_reply).run()
 
     # -- small blocking helpers for the phases before the relay
+
+    def connect(self, address, name, deadline):
+        """Returns a non-blocking TCP_NODELAY socket connected to address by deadline.
+
+        Tries every address the host resolves to; raises SessionEnd naming
+        the last cause when none answers.
+        """
+        host, port = address
+        where = f"{name} {format_address(address)}"
+        try:
+            candidates = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise SessionEnd(f"cannot connect to {where}: {describe_error(exc)}",
+                             logging.ERROR) from None
+        error = 0
+        for family, kind, proto, _, sockaddr in candidates:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                error = sock.connect_ex(sockaddr)
+                if error == errno.EINPROGRESS:
+                    self.wait(sock, select.POLLOUT, deadline, f"connect to {where}")
+                    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except BaseException:
+                sock.close()
+                raise
+            if not error:
+                return sock
+            sock.close()
+        raise SessionEnd(f"cannot connect to {where}: {os.strerror(error)}", logging.ERROR)
 
     def wait(self, sock, events, deadline, phase):
         """Blocks until sock is ready for events; raises SessionEnd on deadline or stop."""
