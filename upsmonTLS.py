@@ -45,6 +45,7 @@ import logging
 import logging.handlers
 import os
 import pwd
+import queue
 import re
 import select
 import shlex
@@ -95,6 +96,11 @@ STOP_GRACE = 2.0
 BACKLOG = 256
 # Warn about the daemon's own certificate this long before it ends.
 EXPIRY_WARNING = datetime.timedelta(days=30)
+# A session thread that has finished waits this long for the next session
+# before it exits: starting a thread costs more than a short NUT session.
+WORKER_LINGER = 2.0
+# Finished session threads kept waiting at most.
+WORKERS_IDLE_MAX = 16
 # A failing accept() (EMFILE and friends) is retried after this pause
 # instead of spinning the accept loop.
 ACCEPT_BACKOFF = 0.1
@@ -981,6 +987,7 @@ class Shared:
         self.stop_fd, self._stop_w = os.pipe()
         self._lock = threading.Lock()
         self._sessions = 0
+        self.workers = Workers()
         # The last TLS session upstream that can be resumed, with the
         # context it belongs to: resumption skips the certificate exchange
         # and signatures, the bulk of a new session's cost.
@@ -1052,6 +1059,50 @@ class Shared:
         log.info("reloaded certificates for new sessions")
 
 
+class Workers:
+    """Session threads, reused: one whose session ended takes the next.
+
+    run() hands a job to a waiting thread or starts a new one (RuntimeError
+    when the system has none to give).  A waiting thread exits after
+    WORKER_LINGER, so after a burst the thread count falls back to what
+    steady traffic needs.
+    """
+
+    def __init__(self):
+        self._waiting = []
+        self._lock = threading.Lock()
+
+    def run(self, job):
+        """Runs job() in a session thread."""
+        with self._lock:
+            inbox = self._waiting.pop() if self._waiting else None
+        if inbox is None:
+            threading.Thread(target=self._work, args=(job,), daemon=True).start()
+        else:
+            inbox.put(job)
+
+    def _work(self, job):
+        inbox = queue.SimpleQueue()
+        while job is not None:
+            job()
+            job = self._next(inbox)
+
+    def _next(self, inbox):
+        """The thread's next job, or None when it should exit."""
+        with self._lock:
+            if len(self._waiting) >= WORKERS_IDLE_MAX:
+                return None
+            self._waiting.append(inbox)
+        try:
+            return inbox.get(timeout=WORKER_LINGER)
+        except queue.Empty:
+            with self._lock:
+                if inbox in self._waiting:
+                    self._waiting.remove(inbox)
+                    return None
+            return inbox.get()    # a job was handed over as the wait ended
+
+
 class SessionHandler(socketserver.BaseRequestHandler):
     """Runs one Session in the thread socketserver gives each connection."""
 
@@ -1060,7 +1111,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
 
 
 class Server(socketserver.ThreadingTCPServer):
-    """One listening socket; a daemon thread per session, at most --max-connections."""
+    """One listening socket; a thread per session (see Workers), at most --max-connections."""
 
     daemon_threads = True
     block_on_close = False
@@ -1099,7 +1150,8 @@ class Server(socketserver.ThreadingTCPServer):
 
     def process_request(self, request, client_address):
         try:
-            super().process_request(request, client_address)
+            self.shared.workers.run(
+                lambda: self.process_request_thread(request, client_address))
         except RuntimeError as exc:   # no thread could be started
             self.shared.release()
             log.error("refused %s: %s", format_address(client_address), exc)

@@ -417,8 +417,11 @@ class TestBounds(ShimCase):
 
     def test_threads_and_descriptors_return_to_baseline_after_300_sessions(self):
         proc, port = self.start_shim()
+        threads, _ = process_counts(proc.pid)
         self.tls(port).close()
         wait_for(lambda: "closed: peer" in proc.log_text(), what="warm-up session closed")
+        # Finished session threads wait a moment for the next session, then exit.
+        wait_for(lambda: process_counts(proc.pid)[0] == threads, what="idle threads gone")
         baseline = process_counts(proc.pid)
         context = client_context()
         for index in range(300):
