@@ -691,11 +691,14 @@ class Relay:
                 self.from_client(client.read())
             if read_upstream and (upstream.fd in ready or upstream.pending()):
                 self.from_upstream(upstream.read())
-            upstream.flush()
-            client.flush()
-            reason = self.ending()
-            if reason:
-                return reason
+            if upstream.out:
+                upstream.flush()
+            if client.out:
+                client.flush()
+            if client.eof or upstream.eof:
+                reason = self.ending()
+                if reason:
+                    return reason
 
     def watch(self, endpoint, reading):
         """Asks poll() for what endpoint needs now; nothing at all if it needs nothing.
@@ -719,18 +722,15 @@ class Relay:
         return max(left, 0)
 
     def ending(self):
-        """Returns why the session is over, or None while there is more to do."""
+        """Once a side has ended: why the session is over, or None while there is more to do."""
         client, upstream = self.client, self.upstream
         if upstream.eof:
             if not client.out:
                 return f"{upstream.name} closed the connection"
-        elif client.eof:
-            if not upstream.out:
-                if not self.due and not client.out:
-                    return "client closed the connection"
-                upstream.half_close()
-        else:
-            return None
+        elif not upstream.out:
+            if not self.due and not client.out:
+                return "client closed the connection"
+            upstream.half_close()
         if self.closing_since is None:
             self.closing_since = time.monotonic()
         return None
