@@ -47,6 +47,7 @@ import os
 import pwd
 import queue
 import re
+import resource
 import select
 import shlex
 import signal
@@ -1291,6 +1292,22 @@ def remove_pidfile(path):
         log.warning("--pidfile %s: cannot remove it: %s", path, describe_error(exc))
 
 
+def raise_descriptor_limit(settings):
+    """Raises the soft RLIMIT_NOFILE to what --max-connections needs, up to the hard limit.
+
+    Each session holds two sockets; the usual soft limit of 1024 would cap
+    the default 1024 sessions at about 500, with accept() failing beyond.
+    """
+    needed = 2 * settings.max_connections + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("--max-connections %d needs about %d descriptors, the limit is %d: "
+                    "raise it (ulimit -n, LimitNOFILE=)", settings.max_connections, needed, soft)
+
+
 def drop_privileges(user):
     """Switches to user (groups, then gid, then uid); no-op when already that user."""
     if user is None or (os.geteuid() == user.pw_uid and os.getegid() == user.pw_gid):
@@ -1352,6 +1369,7 @@ def main(argv=None):
     except ConfigError as exc:
         print(f"{PROG}.py: error: {exc}", file=sys.stderr)
         return 2
+    raise_descriptor_limit(settings)
     try:
         servers = open_servers(settings, shared)
     except OSError as exc:
