@@ -562,15 +562,18 @@ class Pki:
                  '-extfile', str(ext), '-in', str(csr), '-out', cert)
         return cert, key
 
-    def make_server(self, name, sans=None, days=30, ca='ca'):
-        """A server certificate NAME.cert.pem/NAME.key.pem; CN = first SAN."""
+    def make_server(self, name, sans=None, days=30, ca='ca', dates=None):
+        """A server certificate NAME.cert.pem/NAME.key.pem; CN = first SAN.
+
+        dates: (notBefore, notAfter) as YYYYMMDDHHMMSSZ, instead of days from now."""
         sans = sans or LOOPBACK_NAMES
         return self._make_leaf(name, sans[0], 'serverAuth', _san_text(sans), ca,
-                               _validity(days))
+                               dates or _validity(days))
 
-    def make_client(self, name, cn=None, days=30, ca='ca'):
+    def make_client(self, name, cn=None, days=30, ca='ca', dates=None):
         """A client certificate NAME.cert.pem/NAME.key.pem with CN cn or name."""
-        return self._make_leaf(name, cn or name, 'clientAuth', '', ca, _validity(days))
+        return self._make_leaf(name, cn or name, 'clientAuth', '', ca,
+                               dates or _validity(days))
 
 
 def _san_text(sans):

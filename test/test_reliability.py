@@ -550,13 +550,9 @@ def case_certificate_dates(rig):
     future = (time.strftime(fmt, time.gmtime(time.time() + 86400)),
               time.strftime(fmt, time.gmtime(time.time() + 30 * 86400)))
     past = ("20200101000000Z", "20210101000000Z")
-    # Pki makes leaf certificates with given dates only through its private helper.
-    # pylint: disable=protected-access
-    early_server = pki._make_leaf("early_server", "localhost", "serverAuth",
-                                  "IP:127.0.0.1,DNS:localhost", "ca", future)
-    early_client = pki._make_leaf("early_client", "client1", "clientAuth", "", "ca", future)
-    old_client = pki._make_leaf("old_client", "client1", "clientAuth", "", "ca", past)
-    # pylint: enable=protected-access
+    early_server = pki.make_server("early_server", ["localhost", "127.0.0.1"], dates=future)
+    early_client = pki.make_client("early_client", "client1", dates=future)
+    old_client = pki.make_client("old_client", "client1", dates=past)
     refused = []
     # upsdTLS with a server certificate not yet valid: upsmonTLS refuses it.
     early_proc, early_port = rig.upsdtls(cert=early_server[0], key=early_server[1])
