@@ -364,11 +364,15 @@ class Tap:
     """Recording TCP forwarder: 127.0.0.1:port -> (host, port) upstream.
 
     Every byte received from clients, over all connections, is appended to
-    `received`; replies are forwarded unrecorded."""
+    `received` (and, per connection, to streams()); replies are forwarded
+    unrecorded.  After cut() nothing passes and nothing is closed, as a peer
+    that vanished without FIN or RST looks."""
 
     def __init__(self, upstream_host, upstream_port):
         self.upstream = (upstream_host, upstream_port)
         self.received = b''
+        self._streams = {}
+        self._cut = threading.Event()
         self._lock = threading.Lock()
         self._socks = []
         self._threads = []
@@ -399,19 +403,32 @@ class Tap:
             self._spawn(self._pump, upstream, client, False)
 
     def _pump(self, src, dst, record):
-        """Copy src to dst until EOF or error, then shut down both ways."""
+        """Copy src to dst until EOF or error, then shut down both ways (unless cut)."""
         with contextlib.suppress(OSError):
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if self._cut.is_set():
+                    continue    # swallowed: nothing passes, nothing answers
                 if record:
                     with self._lock:
                         self.received += data
+                        self._streams[src] = self._streams.get(src, b'') + data
                 dst.sendall(data)
-        for sock in (src, dst):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        if not self._cut.is_set():
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self):
+        """From now on nothing passes and nothing is closed."""
+        self._cut.set()
+
+    def streams(self):
+        """What each client connection sent, one bytes per connection."""
+        with self._lock:
+            return list(self._streams.values())
 
     def close(self):
         """Stop listening, cut every connection, join the threads."""

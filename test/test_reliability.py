@@ -200,92 +200,6 @@ def read_replies(client, marker):
     return lines, False
 
 
-class BlackHole:
-    """A TCP forwarder to `target` that can be cut: after cut() it forwards nothing
-    and closes nothing, as a peer that vanished without FIN or RST looks."""
-
-    def __init__(self, target):
-        self.target = target
-        self.cut_event = threading.Event()
-        self._socks = []
-        self._threads = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._spawn(self._accept_loop)
-
-    def _spawn(self, target, *args):
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def _accept_loop(self):
-        while True:
-            try:
-                client, _ = self._listener.accept()
-                upstream = socket.create_connection(self.target, TIMEOUT)
-            except OSError:
-                return
-            self._socks += [client, upstream]
-            self._spawn(self._pump, client, upstream)
-            self._spawn(self._pump, upstream, client)
-
-    def _pump(self, src, dst):
-        """Copies src to dst until cut (then leaves both open), EOF or error."""
-        src.settimeout(0.05)
-        while not self.cut_event.is_set():
-            try:
-                data = src.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            if not data or self.cut_event.is_set():
-                return
-            with contextlib.suppress(OSError):
-                dst.sendall(data)
-
-    def cut(self):
-        """From now on nothing passes, and nothing is closed."""
-        self.cut_event.set()
-
-    def close(self):
-        """Stops everything and closes every socket."""
-        self.cut_event.set()
-        harness._close_listener(self._listener)  # pylint: disable=protected-access
-        for thread in self._threads:
-            thread.join(TIMEOUT)
-        for sock in self._socks:
-            sock.close()
-
-
-class ConnectionTap(harness.Tap):
-    """harness.Tap that also keeps what each connection's client sent, apart."""
-
-    def __init__(self, upstream_host, upstream_port):
-        self._streams = {}
-        super().__init__(upstream_host, upstream_port)
-
-    def _pump(self, src, dst, record):
-        """Copies src to dst until EOF or error, keeping src's bytes; then shuts both."""
-        with contextlib.suppress(OSError):
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if record:
-                    with self._lock:
-                        self._streams[src] = self._streams.get(src, b"") + data
-                dst.sendall(data)
-        for sock in (src, dst):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def streams(self):
-        """What each client connection sent, one bytes per connection."""
-        with self._lock:
-            return list(self._streams.values())
-
-
 def tls_records(data):
     """True when data is a whole sequence of TLS records (nothing in plaintext)."""
     pos = 0
@@ -344,10 +258,8 @@ class Rig:
         return self.stack.enter_context(harness.Tap("127.0.0.1", port))
 
     def blackhole(self, port):
-        """A cuttable forwarder to 127.0.0.1:port, closed at close."""
-        hole = BlackHole(("127.0.0.1", port))
-        self.stack.callback(hole.close)
-        return hole
+        """A forwarder to 127.0.0.1:port that cut() turns into a vanished peer."""
+        return self.tap(port)
 
     def context(self, cert=None, key=None, maximum=None):
         """A verifying client context for the test CA."""
@@ -694,7 +606,7 @@ def case_random_relayed(rig, via="upsdTLS", cases=200, seed=11):
     procs = [upsd_proc]
     tap = None
     if via == "chain":
-        tap = rig.stack.enter_context(ConnectionTap("127.0.0.1", port))
+        tap = rig.tap(port)
         upsmon_proc, port = rig.upsmontls(tap.port, "--idle-timeout", "5")
         procs.append(upsmon_proc)
     baselines = settle(rig, procs, port, via)
