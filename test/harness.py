@@ -15,6 +15,7 @@ directories, and cleans up after itself:
 Readiness is always polled with a deadline (wait_for), never slept for; every
 process and thread is stopped in stop()/close()/__exit__.
 """
+import atexit
 import contextlib
 import getpass
 import os
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import unittest
 
 # One bound for every blocking step in the tests: long enough for a loaded CI
 # machine, short enough that a hang fails quickly.
@@ -106,6 +108,33 @@ def start_upsd(testcase):
     if os.environ.get('NUTTLS_REQUIRE_NUT') == '1':
         raise AssertionError(f'{testcase}: NUT not installed but NUTTLS_REQUIRE_NUT=1')
     return StandIn().start()
+
+
+_SHARED_PKI = []
+
+
+def shared_pki():
+    """The run's test PKI, made once (certificates are the slow part), removed at exit."""
+    if not _SHARED_PKI:
+        tmpdir = tempfile.mkdtemp(prefix='nuttls-pki-')
+        atexit.register(shutil.rmtree, tmpdir, True)
+        _SHARED_PKI.append(Pki(tmpdir))
+    return _SHARED_PKI[0]
+
+
+class UpsdCase(unittest.TestCase):
+    """A test class with upsd (real NUT, else the stand-in) started once, as cls.nut."""
+
+    nut = None
+
+    @classmethod
+    def setUpClass(cls):
+        cls.nut = start_upsd(cls)
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.nut is not None:
+            cls.nut.stop()
 
 
 def _stop_process(proc, sig=signal.SIGTERM):
@@ -719,6 +748,16 @@ class LineClient:
         except ConnectionResetError:
             pass  # the peer closed with our bytes unread: still a close
         return received
+
+    def read_lines(self, count):
+        """The next count lines without their LF; AssertionError on an early EOF."""
+        lines = []
+        for _ in range(count):
+            line = self.readline()
+            if not line:
+                raise AssertionError(f'EOF after {lines!r}')
+            lines.append(line.decode('latin-1').rstrip('\n'))
+        return lines
 
     def cmd(self, line):
         """Send line + LF; return one reply line without LF."""

@@ -695,7 +695,7 @@ if __name__ == "__main__":
     unittest.main()
 
 
-class ChainTest(unittest.TestCase):
+class ChainTest(harness.UpsdCase):
     """Certificates from a bare `mkNUTcert.py --dir D` drive the whole chain.
 
     Goal of this test: the default run's files work as-is for upsdTLS
@@ -704,16 +704,6 @@ class ChainTest(unittest.TestCase):
     verify upsdTLS with CERTVERIFY 1 and FORCESSL 1; the same chain without
     the client certificate, or an NSS database of another CA, fails.
     """
-
-    nut = None
-
-    @classmethod
-    def setUpClass(cls):
-        cls.nut = harness.start_upsd(cls)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.nut.stop()
 
     def default_run(self, *extra):
         """A bare default run in a new directory: (dir, {role: (cert, key)})."""

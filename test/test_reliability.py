@@ -35,11 +35,9 @@ import os
 import random
 import re
 import resource
-import shutil
 import socket
 import ssl
 import subprocess
-import tempfile
 import threading
 import time
 import unittest
@@ -69,7 +67,6 @@ Outcome = collections.namedtuple("Outcome", "held survived lost")
 Stats = collections.namedtuple("Stats", "rss_kb threads fds")
 
 PKI = None
-PKI_DIR = None
 
 
 def raise_nofile(wanted=NOFILE_WANTED):
@@ -86,16 +83,10 @@ def raise_nofile(wanted=NOFILE_WANTED):
 
 
 def setUpModule():  # pylint: disable=invalid-name
-    """One PKI for the module, and a descriptor limit high enough for the load cases."""
-    global PKI, PKI_DIR  # pylint: disable=global-statement
+    """The run's test PKI, and a descriptor limit high enough for the load cases."""
+    global PKI  # pylint: disable=global-statement
     raise_nofile()
-    PKI_DIR = tempfile.mkdtemp(prefix="nuttls-pki-")
-    PKI = harness.Pki(PKI_DIR)
-
-
-def tearDownModule():  # pylint: disable=invalid-name
-    """Removes the module's PKI."""
-    shutil.rmtree(PKI_DIR, ignore_errors=True)
+    PKI = harness.shared_pki()
 
 
 def check(condition, message):
@@ -1037,19 +1028,8 @@ def case_pipelined(rig, commands=1000, via="upsdTLS"):
 # The fast suite
 
 
-class RigCase(unittest.TestCase):
+class RigCase(harness.UpsdCase):
     """Real upsd (or the stand-in) once per class; each test gets a Rig."""
-
-    nut = None
-
-    @classmethod
-    def setUpClass(cls):
-        cls.nut = harness.start_upsd(cls)
-
-    @classmethod
-    def tearDownClass(cls):
-        if cls.nut is not None:
-            cls.nut.stop()
 
     def setUp(self):
         self.rig = Rig(PKI, self.nut)

@@ -25,36 +25,18 @@ import harness
 from harness import TIMEOUT, LineClient, wait_for
 
 PKI = None
-PKI_DIR = None
 
 
 def setUpModule():  # pylint: disable=invalid-name
-    """One test PKI for the module: making certificates is the slow part."""
-    global PKI, PKI_DIR  # pylint: disable=global-statement
-    PKI_DIR = tempfile.mkdtemp(prefix="nuttls-pki-")
-    PKI = harness.Pki(PKI_DIR)
-
-
-def tearDownModule():  # pylint: disable=invalid-name
-    """Removes the module's PKI."""
-    shutil.rmtree(PKI_DIR, ignore_errors=True)
+    """The run's test PKI, for the module's helpers."""
+    global PKI  # pylint: disable=global-statement
+    PKI = harness.shared_pki()
 
 
 def client_context(maximum=None, cert=None, key=None, cafile=None):
     """A verifying client context for the test CA."""
     return harness.client_context(cafile or PKI.ca, certfile=cert, keyfile=key,
                                   maximum=maximum)
-
-
-def read_lines(client, count):
-    """Reads count lines from a LineClient, failing on EOF."""
-    lines = []
-    for _ in range(count):
-        line = client.readline()
-        if not line:
-            raise AssertionError(f"EOF after {lines!r}")
-        lines.append(line.decode().rstrip("\n"))
-    return lines
 
 
 def process_counts(pid):
@@ -85,19 +67,8 @@ def current_user():
     return pwd.getpwuid(os.geteuid()).pw_name
 
 
-class ShimCase(unittest.TestCase):
+class ShimCase(harness.UpsdCase):
     """Starts upsd once per class; each test starts the upsdTLS it needs."""
-
-    nut = None
-
-    @classmethod
-    def setUpClass(cls):
-        cls.nut = harness.start_upsd(cls)
-
-    @classmethod
-    def tearDownClass(cls):
-        if cls.nut is not None:
-            cls.nut.stop()
 
     def start_shim(self, *extra, upsd_port=None, cert=None, key=None, port=None):
         """Starts upsdTLS on a free loopback port; returns (proc, port)."""
@@ -197,7 +168,7 @@ class TestSession(ShimCase):
                     b"STARTTLS\nVER\nstarttls\n")
         expected = [status, "ERR ALREADY-SSL-MODE", *listing, "ERR ALREADY-SSL-MODE",
                     unknown, "ERR ALREADY-SSL-MODE", ver, "ERR ALREADY-SSL-MODE"]
-        self.assertEqual(read_lines(client, len(expected)), expected)
+        self.assertEqual(client.read_lines(len(expected)), expected)
         # Negative control: a STARTTLS alone is answered at once.
         self.assertEqual(client.cmd("STARTTLS"), "ERR ALREADY-SSL-MODE")
 

@@ -23,30 +23,12 @@ import harness
 from harness import TIMEOUT, LineClient, wait_for
 
 PKI = None
-PKI_DIR = None
 
 
 def setUpModule():  # pylint: disable=invalid-name
-    """One test PKI for the module."""
-    global PKI, PKI_DIR  # pylint: disable=global-statement
-    PKI_DIR = tempfile.mkdtemp(prefix="nuttls-pki-")
-    PKI = harness.Pki(PKI_DIR)
-
-
-def tearDownModule():  # pylint: disable=invalid-name
-    """Removes the module's PKI."""
-    shutil.rmtree(PKI_DIR, ignore_errors=True)
-
-
-def read_lines(client, count):
-    """Reads count lines from a LineClient, failing on EOF."""
-    lines = []
-    for _ in range(count):
-        line = client.readline()
-        if not line:
-            raise AssertionError(f"EOF after {lines!r}")
-        lines.append(line.decode().rstrip("\n"))
-    return lines
+    """The run's test PKI, for the module's helpers."""
+    global PKI  # pylint: disable=global-statement
+    PKI = harness.shared_pki()
 
 
 class FakeUpstream:
@@ -95,19 +77,8 @@ class FakeUpstream:
         self.listener.close()
 
 
-class ChainCase(unittest.TestCase):
+class ChainCase(harness.UpsdCase):
     """upsd once per class; each test builds the chain it needs."""
-
-    nut = None
-
-    @classmethod
-    def setUpClass(cls):
-        cls.nut = harness.start_upsd(cls)
-
-    @classmethod
-    def tearDownClass(cls):
-        if cls.nut is not None:
-            cls.nut.stop()
 
     def start_upsdtls(self, *extra):
         """Starts upsdTLS in front of upsd; returns its port."""
@@ -182,7 +153,7 @@ class TestChain(ChainCase):
         client.send(b"VER\nSTARTTLS\nLIST VAR dummy\nstarttls\nGET VAR dummy ups.status\n")
         expected = [ver, "ERR FEATURE-NOT-CONFIGURED", *listing,
                     "ERR FEATURE-NOT-CONFIGURED", status]
-        self.assertEqual(read_lines(client, len(expected)), expected)
+        self.assertEqual(client.read_lines(len(expected)), expected)
 
     def test_mutual_tls(self):
         upsd_port = self.start_upsdtls("--client-ca", PKI.ca)
