@@ -136,6 +136,22 @@ class UpsdCase(unittest.TestCase):
         if cls.nut is not None:
             cls.nut.stop()
 
+    def plain(self, port):
+        """A plaintext line client to 127.0.0.1:port, closed at cleanup."""
+        client = LineClient.connect('127.0.0.1', port)
+        self.addCleanup(client.close)
+        return client
+
+    def direct(self, *commands):
+        """upsd's own replies to commands, one line each, on a direct session."""
+        with LineClient.connect(self.nut.host, self.nut.port) as client:
+            return [client.cmd(command) for command in commands]
+
+    def direct_list(self, query):
+        """upsd's own LIST reply, on a direct session."""
+        with LineClient.connect(self.nut.host, self.nut.port) as client:
+            return client.read_list(query)
+
 
 def _stop_process(proc, sig=signal.SIGTERM):
     """Signal proc, wait up to TIMEOUT, then SIGKILL; return its status."""

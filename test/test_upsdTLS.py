@@ -86,28 +86,12 @@ class ShimCase(harness.UpsdCase):
         self.addCleanup(tap.close)
         return tap
 
-    def plain(self, port):
-        """A plaintext line client, closed at cleanup."""
-        client = LineClient.connect("127.0.0.1", port)
-        self.addCleanup(client.close)
-        return client
-
     def tls(self, port, context=None, server_hostname="127.0.0.1"):
         """A client that has done STARTTLS and the handshake."""
         client = self.plain(port)
         self.assertEqual(client.starttls(context or client_context(), server_hostname),
                          "OK STARTTLS")
         return client
-
-    def direct(self, *commands):
-        """upsd's own replies to commands, one line each, on a direct session."""
-        with LineClient.connect(self.nut.host, self.nut.port) as client:
-            return [client.cmd(command) for command in commands]
-
-    def direct_list(self, query):
-        """upsd's own LIST reply, on a direct session."""
-        with LineClient.connect(self.nut.host, self.nut.port) as client:
-            return client.read_list(query)
 
 
 class TestSession(ShimCase):

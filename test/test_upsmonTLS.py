@@ -104,22 +104,6 @@ class ChainCase(harness.UpsdCase):
         """Starts the whole chain; returns (upsmonTLS proc, its port)."""
         return self.start_upsmontls(self.start_upsdtls(*upsd_extra), *upsmon_extra)
 
-    def plain(self, port):
-        """A plaintext line client, closed at cleanup."""
-        client = LineClient.connect("127.0.0.1", port)
-        self.addCleanup(client.close)
-        return client
-
-    def direct(self, *commands):
-        """upsd's own replies, one line each, on a direct session."""
-        with LineClient.connect(self.nut.host, self.nut.port) as client:
-            return [client.cmd(command) for command in commands]
-
-    def direct_list(self, query):
-        """upsd's own LIST reply."""
-        with LineClient.connect(self.nut.host, self.nut.port) as client:
-            return client.read_list(query)
-
     def assert_closed_without_reply(self, port, command="GET VAR dummy ups.status"):
         """A client of upsmonTLS on port gets no reply and a closed connection."""
         client = self.plain(port)
