@@ -692,14 +692,23 @@ class Relay:
                 self.from_client(client.read())
             if read_upstream and (upstream.fd in ready or upstream.pending()):
                 self.from_upstream(upstream.read())
-            if upstream.out:
-                upstream.flush()
-            if client.out:
-                client.flush()
+            if upstream.out or client.out:
+                self.flush()
             if client.eof or upstream.eof:
                 reason = self.ending()
                 if reason:
                     return reason
+
+    def flush(self):
+        """Writes what both sides are owed; bytes that leave count as traffic too."""
+        client, upstream = self.client, self.upstream
+        sent = client.sent + upstream.sent
+        if upstream.out:
+            upstream.flush()
+        if client.out:
+            client.flush()
+        if client.sent + upstream.sent != sent:
+            self.last_traffic = time.monotonic()
 
     def watch(self, endpoint, reading):
         """Asks poll() for what endpoint needs now; nothing at all if it needs nothing.
