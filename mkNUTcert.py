@@ -658,7 +658,7 @@ class Staging:
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
-                pass
+                pass  # never written, or already gone: nothing to discard
         self._pending = []
 
 
