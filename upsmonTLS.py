@@ -1234,6 +1234,12 @@ def format_address(address):
 def setup_logging(settings):
     """Logs to stderr, or to syslog with --syslog/--daemon; raises ConfigError if unusable."""
     level = logging.DEBUG if settings.verbose else logging.INFO
+    # Two lines per session: skip what the format does not show, as the
+    # logging HOWTO's "Optimization" section describes (the caller's source
+    # line is looked up by walking the stack otherwise).
+    logging._srcfile = None  # pylint: disable=protected-access
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     if settings.syslog or settings.daemon:
         # SysLogHandler ignores a missing syslog daemon and would then drop
         # every line; find out now instead.
