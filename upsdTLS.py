@@ -67,7 +67,7 @@ VERSION = "1.0.0"
 
 DEFAULT_LISTEN = ("0.0.0.0:401", "[::]:401")
 DEFAULT_UPSD = "127.0.0.1:3493"
-# RFC 9271 section 6.2 reserves no port; 401 is the NUT project's choice.
+# IANA's port "ups" (Uninterruptible Power Supply); 3493 is "nut", upsd's.
 DEFAULT_PORT = 401
 UPSD_PORT = 3493
 
