@@ -287,6 +287,15 @@ class Rig:
         except (OSError, AssertionError):
             return False
 
+    def relays(self, via, *args):
+        """The shims a case drives: upsdTLS alone, or the chain, with args for the
+        shim the client talks to; returns (processes, upsdTLS first; its port)."""
+        if via == "upsdTLS":
+            proc, port = self.upsdtls(*args)
+            return [proc], port
+        upsd_proc, proc, port = self.chain(upsmon_extra=args)
+        return [upsd_proc, proc], port
+
     def chain(self, *upsd_extra, upsmon_extra=(), upsd_port=None):
         """upsdTLS and upsmonTLS in front of it; returns (upsdTLS proc, upsmonTLS proc, port)."""
         upsd_proc, upsd_tls_port = self.upsdtls(*upsd_extra, upsd_port=upsd_port)
@@ -385,10 +394,8 @@ def case_upsdtls_sigkill(rig):
 def case_stalled_reader(rig, via="upsdTLS", limit=None):
     """A peer that keeps sending LIST VAR and never reads: bounded memory, idle timeout."""
     args = ("--idle-timeout", SHORT)
-    if via == "upsdTLS":
-        proc, port = rig.upsdtls(*args)
-    else:
-        _, proc, port = rig.chain(upsmon_extra=args)
+    procs, port = rig.relays(via, *args)
+    proc = procs[-1]
     settle(rig, [proc], port, via)
     before = stats(proc.pid)
     first = closes(proc)
@@ -422,10 +429,8 @@ def case_stalled_reader(rig, via="upsdTLS", limit=None):
 def case_vanished_peer(rig, via="upsdTLS"):
     """A peer gone without FIN or RST: --idle-timeout ends the session."""
     args = ("--idle-timeout", SHORT)
-    if via == "upsdTLS":
-        proc, port = rig.upsdtls(*args)
-    else:
-        _, proc, port = rig.chain(upsmon_extra=args)
+    procs, port = rig.relays(via, *args)
+    proc = procs[-1]
     [baseline] = settle(rig, [proc], port, via)
     hole = rig.blackhole(port)
     client = rig.client(hole.port, via)
@@ -874,12 +879,7 @@ def case_downgrade(rig):
 
 def case_concurrent(rig, sessions=100, hold=2.0, via="upsdTLS", poll_every=5.0):
     """sessions held open (each polled like upsmon) while an active client measures GET VAR."""
-    if via == "upsdTLS":
-        proc, port = rig.upsdtls()
-        procs = [proc]
-    else:
-        upsd_proc, proc, port = rig.chain()
-        procs = [upsd_proc, proc]
+    procs, port = rig.relays(via)
     baselines = settle(rig, procs, port, via)
     opened = time.monotonic()
     held = [rig.client(port, via) for _ in range(sessions)]
@@ -930,12 +930,8 @@ def case_concurrent(rig, sessions=100, hold=2.0, via="upsdTLS", poll_every=5.0):
 
 def case_short_sessions(rig, sessions=300, via="upsdTLS"):
     """Short sessions back to back: RSS, threads and descriptors flat at the end."""
-    if via == "upsdTLS":
-        proc, port = rig.upsdtls()
-        procs = [proc]
-    else:
-        upsd_proc, proc, port = rig.chain()
-        procs = [upsd_proc, proc]
+    procs, port = rig.relays(via)
+    proc = procs[-1]
     context = rig.context()
 
     def session(index):
@@ -1004,10 +1000,7 @@ def case_pipelined(rig, commands=1000, via="upsdTLS"):
         expected = exchange(direct.sock, payload + b"LOGOUT\n", 1 << 40)
         direct_time = time.monotonic() - started
     check(expected.endswith(b"OK Goodbye\n"), "direct session did not end with Goodbye")
-    if via == "upsdTLS":
-        _, port = rig.upsdtls()
-    else:
-        _, _, port = rig.chain()
+    _, port = rig.relays(via)
     client = rig.client(port, via)
     client.sock.settimeout(TIMEOUT * 6)
     started = time.monotonic()
