@@ -700,13 +700,8 @@ class Relay:
             self.watch(upstream, read_upstream)
             buffered = ((read_client and client.filled and client.pending())
                         or (read_upstream and upstream.filled and upstream.pending()))
-            if buffered:
-                timeout = 0
-            elif self.closing_since is None:
-                timeout = idle_ms
-            else:
-                timeout = max(self.closing_since + CLOSE_TIMEOUT - time.monotonic(), 0) * 1000
-            ready = dict(poll(timeout))
+            timeout = idle_ms if self.closing_since is None else self.close_wait()
+            ready = dict(poll(0 if buffered else timeout))
             if stop_fd in ready:
                 return "daemon stopping"
             if not ready and not buffered:
@@ -725,6 +720,10 @@ class Relay:
                 reason = self.ending()
                 if reason:
                     return reason
+
+    def close_wait(self):
+        """Milliseconds poll() may still wait once a side has ended (CLOSE_TIMEOUT)."""
+        return max(self.closing_since + CLOSE_TIMEOUT - time.monotonic(), 0) * 1000
 
     def watch(self, endpoint, reading):
         """Asks poll() for what endpoint needs now; nothing at all if it needs nothing.
