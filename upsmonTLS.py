@@ -693,11 +693,7 @@ class Relay:
         poll, stop_fd = self.poller.poll, self.shared.stop_fd
         idle_ms = self.shared.settings.idle_timeout * 1000
         while True:
-            read_client = (not client.eof and not upstream.eof and len(self.due) < PENDING_MAX
-                           and len(upstream.out) < BUFFER_MAX)
-            read_upstream = not upstream.eof and len(client.out) < BUFFER_MAX
-            self.watch(client, read_client)
-            self.watch(upstream, read_upstream)
+            read_client, read_upstream = self.arm()
             buffered = ((read_client and client.filled and client.pending())
                         or (read_upstream and upstream.filled and upstream.pending()))
             timeout = idle_ms if self.closing_since is None else self.close_wait()
@@ -725,18 +721,32 @@ class Relay:
         """Milliseconds poll() may still wait once a side has ended (CLOSE_TIMEOUT)."""
         return max(self.closing_since + CLOSE_TIMEOUT - time.monotonic(), 0) * 1000
 
-    def watch(self, endpoint, reading):
-        """Asks poll() for what endpoint needs now; nothing at all if it needs nothing.
+    def arm(self):
+        """Decides which sides to read and tells poll(); returns (read_client, read_upstream).
 
-        An unwatched side cannot spin the loop with a hang-up it may not read yet.
+        A side that needs nothing is not watched at all: it cannot spin the
+        loop with a hang-up it may not read yet.  What poll() watches seldom
+        changes, so it is registered again only when it does.
         """
-        events = (select.POLLIN if reading else 0) | (select.POLLOUT if endpoint.out else 0)
-        if events != endpoint.events:
-            if events:
-                self.poller.register(endpoint.fd, events)
-            else:
-                self.poller.unregister(endpoint.fd)
-            endpoint.events = events
+        client, upstream = self.client, self.upstream
+        read_client = (not client.eof and not upstream.eof and len(self.due) < PENDING_MAX
+                       and len(upstream.out) < BUFFER_MAX)
+        read_upstream = not upstream.eof and len(client.out) < BUFFER_MAX
+        events = (select.POLLIN if read_client else 0) | (select.POLLOUT if client.out else 0)
+        if events != client.events:
+            self.watch(client, events)
+        events = (select.POLLIN if read_upstream else 0) | (select.POLLOUT if upstream.out else 0)
+        if events != upstream.events:
+            self.watch(upstream, events)
+        return read_client, read_upstream
+
+    def watch(self, endpoint, events):
+        """Registers events for endpoint with poll(); none at all unregisters it."""
+        if events:
+            self.poller.register(endpoint.fd, events)
+        else:
+            self.poller.unregister(endpoint.fd)
+        endpoint.events = events
 
     def ending(self):
         """Once a side has ended: why the session is over, or None while there is more to do."""
