@@ -615,10 +615,10 @@ class Endpoint:
     def pending(self):
         """True when TLS holds decrypted bytes that poll() cannot see.
 
-        Worth asking only when the last read filled its buffer (filled): a
+        Only a read that filled its buffer can have left some behind: a
         shorter one emptied the TLS record it came from.
         """
-        return self.tls and self.sock.pending() > 0
+        return self.filled and self.tls and self.sock.pending() > 0
 
     def half_close(self):
         """Signals end of stream once out is written; plain TCP only.
@@ -701,19 +701,19 @@ class Relay:
         idle_ms = self.shared.settings.idle_timeout * 1000
         while True:
             read_client, read_upstream = self.arm()
-            buffered = ((read_client and client.filled and client.pending())
-                        or (read_upstream and upstream.filled and upstream.pending()))
+            buffered_client = read_client and client.pending()
+            buffered_upstream = read_upstream and upstream.pending()
             timeout = idle_ms if self.closing_since is None else self.close_wait()
-            ready = dict(poll(0 if buffered else timeout))
+            ready = dict(poll(0 if buffered_client or buffered_upstream else timeout))
             if stop_fd in ready:
                 return "daemon stopping"
-            if not ready and not buffered:
+            if not ready and not (buffered_client or buffered_upstream):
                 if self.closing_since is not None:
                     return "closed with replies still due (close timeout)"
                 return f"idle for {self.shared.settings.idle_timeout:g} s"
-            if read_client and (client.fd in ready or client.filled and client.pending()):
+            if read_client and (client.fd in ready or buffered_client):
                 self.from_client(client.read())
-            if read_upstream and (upstream.fd in ready or upstream.filled and upstream.pending()):
+            if read_upstream and (upstream.fd in ready or buffered_upstream):
                 self.from_upstream(upstream.read())
             if upstream.out:
                 upstream.flush()
