@@ -35,6 +35,7 @@ import os
 import random
 import re
 import resource
+import select
 import socket
 import ssl
 import subprocess
@@ -976,18 +977,39 @@ def pipeline_commands(count):
 
 
 def exchange(sock, payload, expected):
-    """Sends payload from a thread while reading until `expected` bytes came or EOF."""
-    sender = threading.Thread(target=send_quietly, args=(sock, payload), daemon=True)
-    sender.start()
+    """Sends payload while reading until `expected` bytes came or EOF; returns them.
+
+    One thread does both, with the socket non-blocking: an SSLSocket must not
+    be read and written from two threads at once (OpenSSL's SSL object is not
+    thread-safe; a sender thread made the TLS case fail now and then).
+    Raises TimeoutError when nothing moves for the socket's timeout.
+    """
+    timeout = sock.gettimeout()
+    view = memoryview(payload)
     received = bytearray()
+    sock.setblocking(False)
     try:
         while len(received) < expected:
-            data = sock.recv(65536)
+            if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                readable, writable, _ = select.select([sock], [sock] if view else [], [], timeout)
+                if not readable and not writable:
+                    raise TimeoutError(f"nothing moved for {timeout} s")
+            if view:
+                try:
+                    view = view[sock.send(view[:65536]):]
+                except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass
+                except CLOSED_ERRORS:
+                    view = view[:0]      # the peer closed: read what it sent before
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                continue
             if not data:
                 break
             received += data
     finally:
-        sender.join(TIMEOUT)
+        sock.settimeout(timeout)
     return bytes(received)
 
 
