@@ -998,13 +998,13 @@ def exchange(sock, payload, expected):
                 try:
                     view = view[sock.send(view[:65536]):]
                 except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                    pass
+                    pass         # the socket is full: the same bytes go again after select()
                 except CLOSED_ERRORS:
                     view = view[:0]      # the peer closed: read what it sent before
             try:
                 data = sock.recv(65536)
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                continue
+                continue         # nothing to read yet (or only part of a TLS record)
             if not data:
                 break
             received += data
