@@ -75,6 +75,9 @@ QUIET_POLLS = 3
 QUIET_MAX = 20.0
 # A client using more than this share of the CPUs may be the bottleneck.
 CLIENT_SHARE_WARN = 0.5
+# New TLS connection objects made with and without a saved session, to price
+# CPython's copy of the session (measure_session_copy).
+SESSION_COPIES = 500
 CLOCK_TICK = os.sysconf('SC_CLK_TCK')
 PAGE_KIB = os.sysconf('SC_PAGE_SIZE') // 1024
 TARGET_NAMES = ('direct', 'chain', 'upsdTLS', 'stunnel', 'stunnel-noresume')
@@ -243,6 +246,33 @@ def measure_rate(target, pool, cafile, clients, duration):
             'errors': sum(result[1] for result in results),
             'client_cpu_share': sum(result[2] for result in results) / (duration * cpus),
             'relay_cpu_us_per_session': relay_cpu / max(sessions, 1) * 1e6}
+
+
+def measure_session_copy(target, cafile):
+    """Microseconds CPython spends setting a saved TLS session on a new connection.
+
+    upsmonTLS resumes its TLS sessions to upsdTLS.  CPython's session setter
+    (SSLSocket.session, wrap_socket(session=)) copies the session through
+    DER each time, which decodes the server's certificate again; a C relay
+    such as stunnel hands OpenSSL the session as it is.  The price is
+    wrap_bio() with the session minus wrap_bio() without, over
+    SESSION_COPIES connection objects (no I/O).  None if upsdTLS sent no
+    session ticket.
+    """
+    context = tls_context(cafile)
+    with contextlib.closing(open_session(target.port, context)) as sock:
+        request(sock)           # the session ticket arrives before this reply
+        session = sock.session
+    if session is None or not session.has_ticket:
+        return None
+    spent = {}
+    for name, extra in (('without', {}), ('with', {'session': session})):
+        start = time.perf_counter()
+        for _ in range(SESSION_COPIES):
+            context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname='localhost',
+                             **extra)
+        spent[name] = time.perf_counter() - start
+    return (spent['with'] - spent['without']) / SESSION_COPIES * 1e6
 
 
 # --------------------------------------------------------------------------
@@ -479,7 +509,8 @@ def table_rows(settings, levels):
             ('  failed sessions', 'rate_errors', '{:.0f}')]
     for level in levels:
         rows += [(f'p50 with {level} open, us', f'idle{level}_p50_us', '{:.0f}'),
-                 (f'p99 with {level} open, us', f'idle{level}_p99_us', '{:.0f}')]
+                 (f'p99 with {level} open, us', f'idle{level}_p99_us', '{:.0f}'),
+                 ('  relay CPU per request, us', f'idle{level}_relay_cpu_us', '{:.0f}')]
     rows.append((f'RSS per idle session, KiB ({settings.rss_sessions})',
                  'rss_kib_per_session', '{:.1f}'))
     return rows
@@ -590,14 +621,17 @@ def parse_args(argv):
     return settings
 
 
-def print_checks(table, result_checks):
-    """Prints the issue #8 targets and any client-bottleneck warning."""
+def print_checks(table, result_checks, info):
+    """Prints the issue #8 targets, the session copy's price and any client-bottleneck warning."""
     if result_checks:
         print('\nissue #8 targets for the chain:')
     for text, value, limit, met in result_checks:
         shown = '-' if value is None else f'{value:.2f}x'
         print(f'  {text:<42} {shown:>7}  (target {limit}): '
               f'{"met" if met else "MISSED" if met is not None else "n/a"}')
+    if info.get('session_copy_us') is not None:
+        print(f'  note: CPython copies a saved TLS session each time it is resumed: '
+              f'{info["session_copy_us"]:.0f} us per new upstream session of upsmonTLS')
     for name, values in table.items():
         share = values.get('rate_client_cpu_share')
         if share is not None and share > CLIENT_SHARE_WARN:
@@ -613,7 +647,7 @@ def report(settings, info, raw, levels):
     print(f'{settings.rounds} interleaved rounds, medians; {settings.requests} requests per '
           f'latency sample, {settings.duration:g} s per new-sessions sample\n')
     print(format_table(table, settings, levels))
-    print_checks(table, result_checks)
+    print_checks(table, result_checks, info)
     path = pathlib.Path(settings.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {'machine': info, 'machine_line': machine_line(info),
@@ -647,6 +681,8 @@ def main(argv=None):
             pki = harness.Pki(workdir)
             upsd = stack.enter_context(BenchUpsd())
             targets = start_targets(stack, workdir, pki, upsd, settings)
+            alone = next(target for target in targets if target.name == 'upsdTLS')
+            info['session_copy_us'] = measure_session_copy(alone, pki.ca)
             raw, levels = run_rounds(settings, targets, pool, pki.ca)
         report(settings, info, raw, levels)
     finally:
