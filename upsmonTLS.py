@@ -71,8 +71,8 @@ DEFAULT_PORT = 3493
 # upsdTLS's port.
 UPSTREAM_PORT = 401
 
-# Longest command line accepted, before and after TLS.  NUT clients send
-# lines well under 512 bytes; anything longer is not a NUT client.
+# Longest command line accepted, its LF included, before and after TLS.  NUT
+# clients send lines well under 512 bytes; anything longer is not a NUT client.
 LINE_MAX = 1024
 # Bytes queued towards one side before the shim stops reading the other:
 # the backpressure bound that keeps memory flat when a peer stops reading.
@@ -420,30 +420,30 @@ class CommandFramer:
         """Returns [(line_with_lf, FIRST_WORD_UPPERCASE)] for each line data completes."""
         if (self._state == _START and not self._partial and data.find(b"\n") == len(data) - 1
                 and not _SPECIAL.search(data)):
-            # Fastest path: one whole simple line, what a NUT client sends at a time.
-            if len(data) > self.limit:
-                raise LineTooLong()
-            words = data.split(None, 1)
-            return [(data, words[0].translate(None, _DROPPED).upper() if words else b"")]
+            return [self._simple_line(data)]   # what a NUT client sends at a time
         lines = []
         pos, end = 0, len(data)
         while pos < end:
             if self._state == _START and not self._partial:
-                # Fast path: a whole simple line, as every NUT client sends.
                 newline = data.find(b"\n", pos)
                 if newline >= 0 and not _SPECIAL.search(data, pos, newline):
-                    if newline - pos >= self.limit:
-                        raise LineTooLong()
-                    line = bytes(data[pos:newline + 1])
-                    words = line.split(None, 1)
-                    first = words[0].translate(None, _DROPPED).upper() if words else b""
-                    lines.append((line, first))
+                    lines.append(self._simple_line(bytes(data[pos:newline + 1])))
                     pos = newline + 1
                     continue
             pos = self._feed_slowly(data, pos, lines)
         if len(self._partial) > self.limit:
             raise LineTooLong()
         return lines
+
+    def _simple_line(self, line):
+        """(line, FIRST WORD) for a whole line without quotes, backslashes, # or =.
+
+        Such a line needs no state machine: its words are what split() finds.
+        """
+        if len(line) > self.limit:
+            raise LineTooLong()
+        words = line.split(None, 1)
+        return line, words[0].translate(None, _DROPPED).upper() if words else b""
 
     def buffered(self):
         """How many bytes of an unfinished line are held."""
@@ -473,7 +473,7 @@ class CommandFramer:
                 state, ended = self._step_word(state, char)
             if ended:
                 self._partial += data[pos:index + 1]
-                if len(self._partial) > self.limit + 1:
+                if len(self._partial) > self.limit:
                     raise LineTooLong()
                 lines.append((bytes(self._partial), bytes(self._word).upper()))
                 self._partial = bytearray()
@@ -696,11 +696,12 @@ class Relay:
             read_client, read_upstream = self.arm()
             buffered_client = read_client and client.pending()
             buffered_upstream = read_upstream and upstream.pending()
+            buffered = buffered_client or buffered_upstream
             timeout = idle_ms if self.closing_since is None else self.close_wait()
-            ready = dict(poll(0 if buffered_client or buffered_upstream else timeout))
+            ready = dict(poll(0 if buffered else timeout))
             if stop_fd in ready:
                 return "daemon stopping"
-            if not ready and not (buffered_client or buffered_upstream):
+            if not ready and not buffered:
                 if self.closing_since is not None:
                     return "closed with replies still due (close timeout)"
                 return f"idle for {self.shared.settings.idle_timeout:g} s"
