@@ -31,7 +31,7 @@ $(VENV)/bin/pylint: requirements-dev.txt
 test:
 	$(PYTHON) -m unittest discover -s test -t test -v
 
-# Speed against a direct upsd session and a stunnel pair (bench/README).
+# Speed against a direct upsd session and a stunnel pair (bench/bench.py; figures in README.md).
 bench:
 	$(PYTHON) bench/bench.py
 
