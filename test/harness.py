@@ -152,6 +152,22 @@ class UpsdCase(unittest.TestCase):
         with LineClient.connect(self.nut.host, self.nut.port) as client:
             return client.read_list(query)
 
+    def assert_line_limit(self, proc, connect):
+        """Through proc (connect() gives a client): 1024 bytes with the LF pass, 1025 close.
+
+        Both with and without quotes: a quote sends the line through the
+        shim's full parser, a plain line takes its fast path, and the limit
+        must not depend on which one reads it.
+        """
+        for text in ("G" * 1023, '"' + "G" * 1021 + '"'):     # 1024 bytes with the LF
+            with self.subTest(quoted=text.startswith('"')):
+                self.assertEqual(connect().cmd(text), self.direct(text)[0])
+                bad = connect()
+                bad.send(text.encode() + b"G\n")             # one byte more
+                self.assertEqual(bad.read_until_closed(), b"")
+        wait_for(lambda: proc.log_text().count("command line over 1024 bytes") == 2,
+                 what="a log line for each overlong line")
+
 
 def _stop_process(proc, sig=signal.SIGTERM):
     """Signal proc, wait up to TIMEOUT, then SIGKILL; return its status."""
