@@ -1367,6 +1367,10 @@ def serve(servers, shared):
                                 daemon=True) for index, server in enumerate(servers)]
     for thread in threads:
         thread.start()
+    # Logged only now, as the sign that the daemon serves: the pidfile is
+    # written, privileges are dropped and every accept loop runs.
+    for server in servers:
+        log.info("listening on %s", format_address(server.server_address))
     last_check = time.monotonic()
     try:
         while True:
@@ -1410,8 +1414,6 @@ def main(argv=None):
         log.error("%s", exc)
         return 1
     ready_fd = daemonize() if settings.daemon else None
-    for server in servers:
-        log.info("listening on %s", format_address(server.server_address))
     try:
         if settings.pidfile:
             write_pidfile(settings.pidfile)
