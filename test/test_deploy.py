@@ -125,11 +125,16 @@ class DemoTest(unittest.TestCase):
 
     def test_process_scan_finds_a_process_left_behind(self):
         # Negative control for the check above: a process holding the demo's
-        # kind of path in its environment is found.
+        # kind of path in its environment is found.  Popen returns once the
+        # kernel has swapped in sleep's memory, a moment before it lays out
+        # the new environment (empty until then, and a CI run caught that
+        # moment), so poll; a scan that cannot see the process times out.
         marker = f'/tmp/nuttls-demo-control{os.getpid()}'
         with subprocess.Popen(['sleep', '60'], env=dict(os.environ, X=marker)) as proc:
             try:
-                self.assertEqual(processes_mentioning(marker), [proc.pid])
+                found = wait_for(lambda: processes_mentioning(marker),
+                                 what=f'pid {proc.pid} in the process scan')
+                self.assertEqual(found, [proc.pid])
             finally:
                 proc.kill()
 
