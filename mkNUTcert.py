@@ -37,8 +37,9 @@ is never replaced without --force; a run that would replace one stops before
 writing anything. The no-command run reuses a CA that DIR already holds, even
 with --force: replace a CA only with `ca --force`, which invalidates every
 certificate it signed. --owner USER[:GROUP] gives the server and client keys
-(and the NSS database) to the user the shims or upsmon run as, so that they
-can read them after dropping privileges; the CA key stays with the caller.
+(and the NSS database's files, and its directory when this run creates it) to
+the user the shims or upsmon run as, so that they can read them after
+dropping privileges; the CA key stays with the caller.
 
 Certificates: EC P-256 keys (--key-type rsa: RSA 3072), SHA-256 signatures,
 random 120-bit serials, an end date --days ahead (default 825 days for
@@ -59,6 +60,7 @@ exists without --force), with nothing written; 1 openssl or certutil failed.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import grp
@@ -115,9 +117,10 @@ NSS_FILES = ("cert9.db", "key4.db", "pkcs11.txt")
 # The default run names this host's client certificate HOST-client, since
 # its server certificate already takes HOST.cert.pem.
 CLIENT_SUFFIX = "-client"
-# A host name label (RFC 1123): letters, digits, inner hyphens.
-LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-CA_NAME_MAX = 64  # the upper bound of a commonName in X.509
+# A host name label (RFC 1123): letters, digits, inner hyphens.  Used with
+# fullmatch: `$` would also match before a final newline.
+LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+CN_MAX = 64  # the upper bound of a commonName in X.509 (ub-common-name)
 
 
 class ConfigError(Exception):
@@ -140,8 +143,9 @@ class Owner:
 class Leaf:
     """A server or client certificate to make.
 
-    name is the subject CN; stem names the files DIR/STEM.cert.pem and
-    DIR/STEM.key.pem; sans holds ("DNS", name) and ("IP", address) pairs.
+    name is the subject CN (see common_name); stem names the files
+    DIR/STEM.cert.pem and DIR/STEM.key.pem; sans holds ("DNS", name) and
+    ("IP", address) pairs, name always among them.
     """
     usage: str
     name: str
@@ -281,9 +285,10 @@ def check_host(option, value):
         name = name[:-1]
     labels = name.split(".")
     if (not name or len(name) > 253
-            or not all(LABEL.match(label) for label in labels)
+            or not all(LABEL.fullmatch(label) for label in labels)
             or labels[-1].isdigit()):
-        raise ConfigError(f"{option}={value} is not a host name or IP "
+        shown = value if value.isprintable() else repr(value)  # one line
+        raise ConfigError(f"{option}={shown} is not a host name or IP "
                           f"address")
     return ("DNS", name)
 
@@ -334,11 +339,21 @@ def check_owner(value):
 
 
 def check_ca_name(value):
-    """--name: printable text of at most CA_NAME_MAX characters."""
-    if not value or len(value) > CA_NAME_MAX or not value.isprintable():
-        raise ConfigError(f"--name={value!r} must be 1 to {CA_NAME_MAX} "
+    """--name: printable text of at most CN_MAX characters."""
+    if not value or len(value) > CN_MAX or not value.isprintable():
+        raise ConfigError(f"--name={value!r} must be 1 to {CN_MAX} "
                           f"printable characters")
     return value
+
+
+def default_ca_name():
+    """`NUT TLS CA HOST DATE`, HOST shortened so that it fits a commonName."""
+    date = time.strftime("%Y-%m-%d")
+    room = CN_MAX - len(f"NUT TLS CA  {date}")
+    host = socket.gethostname()
+    if len(host) > room:
+        host = host.split(".")[0][:room]
+    return f"NUT TLS CA {host} {date}"
 
 
 def this_host():
@@ -382,8 +397,7 @@ def parse_args(argv):
                        (("DNS", name),)))
     ca_name = getattr(args, "name", None) if command == "ca" else None
     if ca_name is None:
-        ca_name = f"NUT TLS CA {socket.gethostname()} " \
-                  f"{time.strftime('%Y-%m-%d')}"
+        ca_name = default_ca_name()
     return Settings(
         command=command,
         directory=directory,
@@ -504,9 +518,16 @@ def make_key(openssl, key_type):
     return run_tool([openssl, "genpkey"] + KEY_TYPES[key_type])
 
 
-def subject(common_name):
+def common_name(name):
+    """The CN for a leaf named name: name itself, or its first label when
+    name is longer than a CN may be.  Verification uses the SAN, which
+    always holds the whole name; the CN is only what people read."""
+    return name if len(name) <= CN_MAX else name.split(".")[0]
+
+
+def subject(name):
     """An openssl -subj argument; the backslash keeps /, + and = literal."""
-    escaped = re.sub(r"([\\/+=])", r"\\\1", common_name)
+    escaped = re.sub(r"([\\/+=])", r"\\\1", name)
     return f"/CN={escaped}"
 
 
@@ -562,7 +583,7 @@ def make_leaf_cert(openssl, workdir, leaf, key_path, ca_paths, settings):
     with open(config, "w", encoding="ascii") as file:
         file.write(openssl_config(leaf, settings.key_type))
     request = run_tool([openssl, "req", "-new", "-utf8", "-config", config,
-                        "-key", key_path, "-subj", subject(leaf.name)])
+                        "-key", key_path, "-subj", subject(common_name(leaf.name))])
     days = settings.days or DEFAULT_DAYS_LEAF
     return run_tool([openssl, "x509", "-req", "-sha256",
                      "-CA", ca_paths[0], "-CAkey", ca_paths[1],
@@ -645,11 +666,25 @@ class Staging:
         return tmp
 
     def install(self):
-        """Rename every temporary file to its final name."""
-        while self._pending:
-            tmp, final = self._pending[0]
-            install_file(tmp, final, self.force)
-            self._pending.pop(0)
+        """Rename every temporary file to its final name, in order.
+
+        If one cannot be installed (another run made its name meanwhile, an
+        I/O error, a signal), the final names this call already made are
+        removed again, so a run leaves all of its files or none.  A file
+        --force replaced is not brought back.
+        """
+        installed = []
+        try:
+            while self._pending:
+                tmp, final = self._pending[0]
+                install_file(tmp, final, self.force)
+                self._pending.pop(0)
+                installed.append(final)
+        except BaseException:
+            for final in installed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(final)
+            raise
         fsync_dir(self.directory)
 
     def discard(self):
@@ -863,6 +898,9 @@ def make_nssdb(settings, openssl, certutil):
     nickname = describe_cert(openssl, ca_cert).subject
     if nickname.startswith("CN="):
         nickname = nickname[3:]
+    # --owner gives PATH away only when this run makes it: an existing
+    # directory such as /etc/nut keeps its owner.
+    give_dir = settings.owner is not None and not os.path.isdir(path)
     try:
         make_dir(path)
         workdir = tempfile.mkdtemp(dir=path, prefix=".mkNUTcert-")
@@ -880,7 +918,7 @@ def make_nssdb(settings, openssl, certutil):
             if settings.owner is not None:
                 os.chown(made, settings.owner.uid, settings.owner.gid)
             install_file(made, os.path.join(path, name), settings.force)
-        if settings.owner is not None:
+        if give_dir:
             os.chown(path, settings.owner.uid, settings.owner.gid)
         fsync_dir(path)
     except OSError as exc:

@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 
 import harness
 
@@ -509,6 +510,36 @@ class FilesTest(unittest.TestCase):
         self.assertEqual(sorted(os.listdir(self.dir)),
                          ["ca.cert.pem", "ca.key.pem"])
 
+    def test_a_name_taken_while_writing_leaves_none_of_the_run(self):
+        """Another run making a final name meanwhile: this run keeps nothing."""
+        status, _, err = run_main("ca", "--dir", self.dir)
+        self.assertEqual(status, 0, err)
+        # An openssl that, while it signs, makes the certificate's final name
+        # as a concurrent run would: the key is installed first, then the
+        # certificate's name is taken.
+        bindir = os.path.join(self.tmp, "bin")
+        os.mkdir(bindir)
+        fake = os.path.join(bindir, "openssl")
+        racer = os.path.join(self.dir, "racer.cert.pem")
+        with open(fake, "w", encoding="ascii") as file:
+            file.write(f"#!{sys.executable}\nimport os, sys\n"
+                       f"if sys.argv[1:3] == ['x509', '-req']:\n"
+                       f"    open({racer!r}, 'x').write('the other run')\n"
+                       f"os.execv({OPENSSL!r}, [{OPENSSL!r}] + sys.argv[1:])\n")
+        os.chmod(fake, 0o755)
+        done = run_script("--dir", self.dir, "client", "racer",
+                          env=dict(os.environ, PATH=bindir))
+        self.assertEqual(done.returncode, 2, done.stderr)
+        self.assertIn("appeared while writing", done.stderr)
+        self.assertEqual(sorted(os.listdir(self.dir)),
+                         ["ca.cert.pem", "ca.key.pem", "racer.cert.pem"])
+        with open(racer, encoding="ascii") as file:
+            self.assertEqual(file.read(), "the other run")
+        os.unlink(racer)                                   # the control
+        done = run_script("--dir", self.dir, "client", "racer")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("racer.key.pem", os.listdir(self.dir))
+
     def test_owner_gets_the_leaf_keys_only(self):
         """--owner gives the server and client keys away, not the CA key."""
         if os.geteuid() != 0:
@@ -600,6 +631,26 @@ class NssdbTest(unittest.TestCase):
         self.assertEqual([name for name in os.listdir(self.database)
                           if name.startswith(".")], [])
 
+    def test_owner_gets_a_new_database_directory_not_an_existing_one(self):
+        """--owner gives PATH away only when the run makes it."""
+        if os.geteuid() != 0:
+            self.skipTest("--owner for another user needs root")
+        try:
+            nut = pwd.getpwnam("nut")
+        except KeyError:
+            self.skipTest("no user nut")
+        existing = os.path.join(self.tmp, "etc-nut")   # as /etc/nut would be
+        os.mkdir(existing, 0o750)
+        for path, dir_uid in ((existing, 0), (self.database, nut.pw_uid)):
+            status, _, err = run_main("--owner", "nut", "nssdb", path,
+                                      "--dir", self.dir)
+            self.assertEqual(status, 0, err)
+            self.assertEqual(os.stat(path).st_uid, dir_uid, path)
+            for name in ("cert9.db", "key4.db", "pkcs11.txt"):
+                self.assertEqual(os.stat(os.path.join(path, name)).st_uid,
+                                 nut.pw_uid, name)
+        self.assertEqual(stat.S_IMODE(os.stat(existing).st_mode), 0o750)
+
     def test_nssdb_is_not_replaced_without_force(self):
         """An existing database is kept without --force, replaced with it."""
         status, _, err = run_main("nssdb", self.database, "--dir", self.dir)
@@ -671,6 +722,41 @@ class OutputTest(unittest.TestCase):
         self.assertNotIn(self.facts("mgmt1.example.net")[1], out)
         self.assertNotIn("mgmt1", out)
 
+    def test_a_name_longer_than_a_cn_keeps_the_whole_name_in_the_san(self):
+        """A DNS name over 64 characters: CN is its first label, SAN the name."""
+        status, _, err = run_main("ca", "--dir", self.dir)
+        self.assertEqual(status, 0, err)
+        long_name = "a" * 63 + ".example.net"          # 75 characters
+        fits = "b" * 52 + ".example.net"               # 64: the control
+        for name, cn in ((long_name, "a" * 63), (fits, fits)):
+            status, _, err = run_main("server", name, "--dir", self.dir)
+            self.assertEqual(status, 0, err)
+            cert = os.path.join(self.dir, name + ".cert.pem")
+            _, text = openssl("x509", "-noout", "-subject", "-nameopt",
+                              "RFC2253", "-ext", "subjectAltName", "-in", cert)
+            self.assertIn(f"subject=CN={cn}\n", text)
+            self.assertIn(f"DNS:{name}", text)
+            code, text = openssl("verify", "-x509_strict", "-purpose",
+                                 "sslserver", "-verify_hostname", name,
+                                 "-CAfile",
+                                 os.path.join(self.dir, "ca.cert.pem"), cert)
+            self.assertEqual(code, 0, text)
+
+    def test_a_long_host_name_is_shortened_in_the_default_ca_name(self):
+        """The default CA name fits a CN whatever the host name's length."""
+        long_host = "ups-attachment-host-01.rack7.dc2.example.net"
+        for host, want in ((long_host, "NUT TLS CA ups-attachment-host-01 "),
+                           ("ups1", "NUT TLS CA ups1 ")):     # the control
+            directory = os.path.join(self.tmp, host)
+            with unittest.mock.patch.object(mkNUTcert.socket, "gethostname",
+                                            return_value=host):
+                status, out, err = run_main("ca", "--dir", directory)
+                self.assertEqual(status, 0, err)
+                self.assertIn(f"CN={want}", out)
+                status, _, err = run_main("client", "mgmt1", "--dir",
+                                          directory)
+                self.assertEqual(status, 0, err)
+
     def test_bad_names_exit_2_naming_the_option(self):
         """Bad names and days exit 2 naming the option, writing nothing."""
         status, _, err = run_main("ca", "--dir", self.dir)
@@ -679,6 +765,11 @@ class OutputTest(unittest.TestCase):
                              (["server", "ok.example", "--san", "a b"],
                               "--san=a b"),
                              (["server", "ca"], "NAME=ca"),
+                             # `$` alone would let a final newline through
+                             (["server", "nl.example\n"],
+                              "NAME='nl.example\\n'"),
+                             (["server", "ok.example", "--san", "nl\n"],
+                              "--san='nl\\n'"),
                              (["--days", "0", "client", "c.example"],
                               "--days=0"),
                              (["--days", "x", "client", "c.example"],
@@ -686,6 +777,7 @@ class OutputTest(unittest.TestCase):
             status, out, err = run_main(*args, "--dir", self.dir)
             self.assertEqual(status, 2, args)
             self.assertIn(option, err)
+            self.assertEqual(err.count("\n"), 1, err)
             self.assertEqual(out, "")
         self.assertEqual(sorted(os.listdir(self.dir)),
                          ["ca.cert.pem", "ca.key.pem"])
