@@ -812,7 +812,7 @@ class Session:
         self.started = time.monotonic()
         self.client = Endpoint(sock, "client")
         self.upstream = None
-        self.context = None
+        self.context = None      # the TLS context of a verified upstream session
 
     def run(self):
         """Opens, relays and closes the session, logging its open and close lines."""
@@ -831,12 +831,18 @@ class Session:
                 time.monotonic() - self.started, reason)
 
     def close(self):
-        """Closes both sides, the client first, keeping the TLS session for resumption."""
-        if self.upstream is not None and self.upstream.tls:
-            self.shared.keep_session(self.context, self.upstream.sock)
-        for endpoint in (self.client, self.upstream):
-            if endpoint is not None:
-                endpoint.close()
+        """Closes both sides, the client first, keeping the TLS session for resumption.
+
+        Only a verified upstream session is kept (self.context is set once
+        the handshake succeeded): a failed handshake has no session to give.
+        """
+        try:
+            if self.context is not None:
+                self.shared.keep_session(self.context, self.upstream.sock)
+        finally:
+            for endpoint in (self.client, self.upstream):
+                if endpoint is not None:
+                    endpoint.close()
 
     # -- what only upsmonTLS does: the connection upstream, STARTTLS, the
     #    client handshake
@@ -853,12 +859,13 @@ class Session:
         sock = self.connect(self.settings.upsd, "upstream", deadline)
         self.upstream = Endpoint(sock, "upstream")
         self.starttls(sock, deadline)
-        self.context = self.shared.context
-        tls = self.context.wrap_socket(sock, server_hostname=self.settings.server_name,
-                                       session=self.shared.resumable_session(self.context),
-                                       do_handshake_on_connect=False)
+        context = self.shared.context
+        tls = context.wrap_socket(sock, server_hostname=self.settings.server_name,
+                                  session=self.shared.resumable_session(context),
+                                  do_handshake_on_connect=False)
         self.upstream.use_socket(tls)
         self.handshake(tls, deadline)
+        self.context = context
         _, names = peer_certificate(tls)
         log.info("session %d open: peer %s, upstream %s from local port %d, %s %s%s, "
                  "server certificate %s", self.id, self.peer,

@@ -35,11 +35,13 @@ class FakeUpstream:
     """A hostile or broken 'upsdTLS': answers STARTTLS with canned bytes, records input.
 
     Serves every connection the same way until close(); `received` holds
-    all bytes it was sent.
+    all bytes it was sent.  With hang_up it closes each connection right
+    after its answer.
     """
 
-    def __init__(self, answer):
+    def __init__(self, answer, hang_up=False):
         self.answer = answer
+        self.hang_up = hang_up
         self.received = b""
         self.connections = 0
         self._lock = threading.Lock()
@@ -62,7 +64,7 @@ class FakeUpstream:
                     data = conn.recv(4096)
                     self._record(data)
                     conn.sendall(self.answer)
-                    while data:
+                    while data and not self.hang_up:
                         data = conn.recv(4096)
                         self._record(data)
                 except OSError:
@@ -208,9 +210,9 @@ class TestStockClients(ChainCase):
 class TestUpstreamFailures(ChainCase):
     """Whatever goes wrong upstream closes that client; nothing leaks in plaintext."""
 
-    def fake(self, answer):
+    def fake(self, answer, hang_up=False):
         """A FakeUpstream answering STARTTLS with answer."""
-        fake = FakeUpstream(answer)
+        fake = FakeUpstream(answer, hang_up)
         self.addCleanup(fake.close)
         return fake
 
@@ -232,6 +234,23 @@ class TestUpstreamFailures(ChainCase):
             self.assertEqual(client.read_until_closed(), b"", answer)
             wait_for(lambda p=proc: "refused STARTTLS" in p.log_text(), what="log line")
             self.assertEqual(fake.received, b"STARTTLS\n", answer)
+
+    def test_a_handshake_that_never_completes_is_logged_with_its_cause(self):
+        # OK STARTTLS, then silence or a hang-up: there is no TLS session to
+        # keep for resumption, and each session still ends in a close line
+        # naming the cause (it once ended in a 'bug' traceback instead).
+        for hang_up, cause in ((False, "TLS handshake timed out after 1 s"),
+                               (True, "TLS handshake with upstream failed")):
+            fake = self.fake(b"OK STARTTLS\n", hang_up)
+            proc, port = self.start_upsmontls(fake.port, "--handshake-timeout", "1")
+            for _ in range(2):
+                self.assert_closed_without_reply(port)
+            wait_for(lambda p=proc, c=cause: p.log_text().count(c) == 2, what=cause)
+            self.assertNotIn("bug:", proc.log_text())
+        # Negative control: a real upsdTLS behind the same options serves.
+        _, port = self.start_upsmontls(self.start_upsdtls(), "--handshake-timeout", "1")
+        self.assertEqual(self.plain(port).cmd("GET VAR dummy ups.status"),
+                         'VAR dummy ups.status "OL"')
 
     def test_certificate_problems_are_refused_and_logged(self):
         upsd_port = self.start_upsdtls()
