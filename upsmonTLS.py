@@ -92,6 +92,9 @@ CLOSE_TIMEOUT = 2.0
 SESSION_REFRESH = 60.0
 # On SIGTERM: how long open sessions get to close before the process exits.
 STOP_GRACE = 2.0
+# The longest --handshake-timeout and --idle-timeout: poll() takes its
+# timeout in milliseconds as a C int (2**31 - 1 ms, about 24 days).
+TIMEOUT_MAX = 2147483
 # The default backlog of 5 makes a burst of upsmon clients reconnecting
 # after a power event wait on SYN retries.
 BACKLOG = 256
@@ -201,6 +204,7 @@ def parse_args(argv):
                               "the network (add --unsafe-listen if that is intended)")
     settings.upsd = parse_hostport(settings.upsd, UPSTREAM_PORT, "--upsd")
     settings.server_name = settings.server_name or settings.upsd[0]
+    check_host(settings.server_name, "--server-name")
     check_common_options(settings)
     for option in ("cert", "key", "cafile"):
         path = getattr(settings, option)
@@ -212,8 +216,9 @@ def parse_args(argv):
 def check_common_options(settings):
     """Validates the options both shims share; raises ConfigError naming the option."""
     for option in ("handshake_timeout", "idle_timeout"):
-        if not getattr(settings, option) > 0:
-            raise ConfigError(f"--{option.replace('_', '-')} must be a positive number of seconds")
+        if not 0 < getattr(settings, option) <= TIMEOUT_MAX:
+            raise ConfigError(f"--{option.replace('_', '-')} must be a positive number of "
+                              f"seconds, at most {TIMEOUT_MAX} (about 24 days)")
     if settings.max_connections < 1:
         raise ConfigError("--max-connections must be at least 1")
     settings.tls_min = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}[
@@ -233,11 +238,28 @@ def parse_hostport(text, default_port, option):
         host, port = text.split(":")
     if not host:
         raise ConfigError(f"{option} {text}: missing host")
+    check_host(host, f"{option} {text}")
     if not port:
         return host, default_port
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{option} {text}: port must be 1-65535")
     return host, int(port)
+
+
+def check_host(host, where):
+    """Raises ConfigError (naming where) unless host is an IP address or a host name.
+
+    The resolver and ssl encode a name with the idna codec at every
+    session; a name it refuses (an empty label, a label over 63 bytes)
+    would fail them all, so it is refused at start instead.
+    """
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            host.encode("idna")
+        except UnicodeError:
+            raise ConfigError(f"{where}: {escape(host)} is not a valid host name") from None
 
 
 def parse_listen(text):

@@ -555,6 +555,11 @@ class TestDaemon(ShimCase):
             (["--cert", PKI.server_cert, "--key", PKI.server_key, "--listen", "nohost:1"],
              "--listen"),
             ([], "--cert"),
+            # Values every session would fail on: refused at start instead.
+            (["--cert", PKI.server_cert, "--upsd", "a..b:3493"], "--upsd a..b:3493"),
+            (["--cert", PKI.server_cert, "--idle-timeout", "inf"], "--idle-timeout"),
+            (["--cert", PKI.server_cert, "--idle-timeout", "nan"], "--idle-timeout"),
+            (["--cert", PKI.server_cert, "--handshake-timeout", "3e6"], "--handshake-timeout"),
         ]
         for args, needle in cases:
             status, stderr = self.run_shim(*good, *args)

@@ -350,7 +350,12 @@ class TestDaemon(ChainCase):
                  (["--upsd", "h", "--key", PKI.client_key], "--key needs --cert"),
                  (["--upsd", "h:0"], "--upsd"), (["--upsd", "h", "--tls-min", "1.1"],
                                                    "--tls-min"),
-                 (["--upsd", "h", "--cafile", PKI.server_key], "--cafile")]
+                 (["--upsd", "h", "--cafile", PKI.server_key], "--cafile"),
+                 # Values every session would fail on: refused at start instead.
+                 (["--upsd", "h", "--server-name", ".localhost"], "--server-name"),
+                 (["--upsd", "a" * 64 + ".example"], "--upsd"),
+                 (["--upsd", "h", "--idle-timeout", "inf"], "--idle-timeout"),
+                 (["--upsd", "h", "--handshake-timeout", "3e6"], "--handshake-timeout")]
         for args, needle in cases:
             result = subprocess.run(["python3", str(harness.UPSMON_TLS), "--listen",
                                      f"127.0.0.1:{harness.free_port()}", *args],
@@ -358,6 +363,12 @@ class TestDaemon(ChainCase):
                                     check=False)
             self.assertEqual(result.returncode, 2, (args, result.stderr))
             self.assertIn(needle, result.stderr, args)
+        # Negative control: the largest timeouts and a name work, session and all.
+        _, port = self.start_upsmontls(self.start_upsdtls(), "--server-name", "localhost",
+                                       "--idle-timeout", "2147483",
+                                       "--handshake-timeout", "2147483")
+        self.assertEqual(self.plain(port).cmd("GET VAR dummy ups.status"),
+                         'VAR dummy ups.status "OL"')
 
 
 class ExpiredTLSUpstream(FakeUpstream):
