@@ -191,7 +191,12 @@ def parse_args(argv):
     Checks every option and file before any socket is opened, so a mistake
     is reported at start with the option's name, never at the first client.
     """
-    settings = build_parser().parse_args(argv)
+    try:
+        settings = build_parser().parse_args(argv)
+    except ValueError as exc:
+        # argparse reports an unreadable @FILE itself, but lets shlex's "No
+        # closing quotation" and a file that is not UTF-8 escape as ValueError.
+        raise ConfigError(f"@FILE: {exc}") from None
     if settings.key and not settings.cert:
         raise ConfigError("--key needs --cert")
     settings.key = settings.key or settings.cert
@@ -224,6 +229,11 @@ def check_common_options(settings):
     settings.tls_min = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}[
         settings.tls_min]
     settings.user = choose_user(settings.user)
+    # --daemon changes to /: a SIGHUP reload and the pidfile's removal must
+    # still find the files a relative path named at start.
+    for option in ("cert", "key", "client_ca", "cafile", "pidfile"):
+        if getattr(settings, option, None):
+            setattr(settings, option, os.path.abspath(getattr(settings, option)))
 
 
 def parse_hostport(text, default_port, option):
@@ -241,7 +251,7 @@ def parse_hostport(text, default_port, option):
     check_host(host, f"{option} {text}")
     if not port:
         return host, default_port
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(f"{option} {text}: port must be 1-65535")
     return host, int(port)
 
@@ -253,13 +263,12 @@ def check_host(host, where):
     session; a name it refuses (an empty label, a label over 63 bytes)
     would fail them all, so it is refused at start instead.
     """
+    if ip_text(host) is not None:
+        return
     try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        try:
-            host.encode("idna")
-        except UnicodeError:
-            raise ConfigError(f"{where}: {escape(host)} is not a valid host name") from None
+        host.encode("idna")
+    except UnicodeError:
+        raise ConfigError(f"{where}: {escape(host)} is not a valid host name") from None
 
 
 def parse_listen(text):
@@ -391,8 +400,17 @@ def certificate_names(info):
         if kind == "DNS":
             names.append(f"DNS:{value}")
         elif kind == "IP Address":
-            names.append(f"IP:{ipaddress.ip_address(value.strip())}")
+            # OpenSSL shows an IP entry of an odd length as <invalid>.
+            names.append(f"IP:{ip_text(value) or value}")
     return [escape(name) for name in names]
+
+
+def ip_text(value):
+    """value as a canonical IP address, or None when it is not one."""
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------
@@ -753,7 +771,7 @@ class Relay:
         """
         client, upstream = self.client, self.upstream
         read_client = (not client.eof and not upstream.eof and len(self.due) < PENDING_MAX
-                       and len(upstream.out) < BUFFER_MAX)
+                       and len(upstream.out) < BUFFER_MAX and len(client.out) < BUFFER_MAX)
         read_upstream = not upstream.eof and len(client.out) < BUFFER_MAX
         events = (select.POLLIN if read_client else 0) | (select.POLLOUT if client.out else 0)
         if events != client.events:
@@ -1346,8 +1364,9 @@ def write_pidfile(path):
 def remove_pidfile(path):
     """Removes the pidfile if it still holds this process's id."""
     try:
-        with open(path, encoding="ascii") as handle:
-            if handle.read().strip() != str(os.getpid()):
+        # Bytes: a codec imported this late may be unreadable after the drop.
+        with open(path, "rb") as handle:
+            if handle.read().strip() != str(os.getpid()).encode():
                 return
         os.unlink(path)
     except OSError as exc:

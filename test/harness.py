@@ -85,6 +85,20 @@ def wait_for(predicate, timeout=TIMEOUT, what='condition'):
         time.sleep(0.02)
 
 
+def processes_mentioning(text):
+    """Pids of processes whose command line or environment contains text."""
+    found = []
+    for entry in pathlib.Path('/proc').iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        for name in ('cmdline', 'environ'):
+            with contextlib.suppress(OSError):   # gone, or not ours to read
+                if text.encode() in (entry / name).read_bytes():
+                    found.append(int(entry.name))
+                    break
+    return found
+
+
 def nut_installed():
     """True when the NUT binaries the harness runs are present."""
     return (os.access(UPSD_BIN, os.X_OK) and os.access(DUMMY_BIN, os.X_OK)

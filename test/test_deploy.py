@@ -32,7 +32,7 @@ import time
 import unittest
 
 import harness
-from harness import TIMEOUT, wait_for
+from harness import TIMEOUT, processes_mentioning, wait_for
 
 ROOT = harness.ROOT
 SCRIPTS = ('upsdTLS.py', 'upsmonTLS.py', 'mkNUTcert.py')
@@ -54,20 +54,6 @@ def tree(top):
     top = pathlib.Path(top)
     return {str(path.relative_to(top)): path.stat().st_mode & 0o7777
             for path in top.rglob('*') if path.is_file()}
-
-
-def processes_mentioning(text):
-    """Pids of processes whose command line or environment contains text."""
-    found = []
-    for entry in pathlib.Path('/proc').iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        for name in ('cmdline', 'environ'):
-            with contextlib.suppress(OSError):
-                if text.encode() in (entry / name).read_bytes():
-                    found.append(int(entry.name))
-                    break
-    return found
 
 
 def alive(pid):

@@ -392,8 +392,13 @@ def case_upsdtls_sigkill(rig):
                    "the session open at the kill; new sessions while upsdTLS was down")
 
 
-def case_stalled_reader(rig, via="upsdTLS", limit=None):
-    """A peer that keeps sending LIST VAR and never reads: bounded memory, idle timeout."""
+def case_stalled_reader(rig, via="upsdTLS", limit=None, command=b"LIST VAR dummy"):
+    """A peer that keeps sending command and never reads: bounded memory, idle timeout.
+
+    LIST VAR fills the buffers with upsd's replies; STARTTLS with the
+    replies the shim gives itself (ERR ALREADY-SSL-MODE at upsdTLS, ERR
+    FEATURE-NOT-CONFIGURED at upsmonTLS), which must be bounded as well.
+    """
     args = ("--idle-timeout", SHORT)
     procs, port = rig.relays(via, *args)
     proc = procs[-1]
@@ -402,7 +407,8 @@ def case_stalled_reader(rig, via="upsdTLS", limit=None):
     first = closes(proc)
     staller = rig.plain(port, rcvbuf=4096) if via == "chain" else rig.tls(port, rcvbuf=4096)
     staller.sock.settimeout(0.2)
-    payload = b"LIST VAR dummy\n" * 100
+    payload = command + b"\n"
+    payload *= 1500 // len(payload)
     sent, peak, started = 0, before.rss_kb, time.monotonic()
     limit = limit or float(SHORT) + 20
     while closes(proc) == first:
@@ -422,7 +428,9 @@ def case_stalled_reader(rig, via="upsdTLS", limit=None):
     growth = peak - before.rss_kb
     check(growth < RSS_BOUND_KB, f"RSS grew by {growth} kB")
     check(rig.serves(port, via), "the shim stopped serving")   # negative control
-    return Outcome(f"{via}: {sent // 15} LIST VAR sent ({sent // 1024} kB), none read",
+    name = command.decode().split()[0]
+    return Outcome(f"{via}: {sent // (len(command) + 1)} {name} sent ({sent // 1024} kB), "
+                   "none read",
                    f"RSS +{growth} kB at peak; other sessions served",
                    f"the stalled session, after {ended:.1f} s ({reason})")
 
@@ -1068,6 +1076,10 @@ class TestFaults(RigCase):
 
     def test_peer_that_stops_reading_keeps_memory_bounded_and_is_timed_out(self):
         case_stalled_reader(self.rig)
+
+    def test_peer_that_sends_only_starttls_and_never_reads_is_bounded_too(self):
+        for via in ("upsdTLS", "chain"):
+            case_stalled_reader(self.rig, via, command=b"STARTTLS")
 
     def test_peer_that_vanishes_without_fin_is_timed_out(self):
         case_vanished_peer(self.rig)

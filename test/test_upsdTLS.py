@@ -451,9 +451,14 @@ class TestDaemon(ShimCase):
         except KeyError:
             self.skipTest("no user nut")
         port = harness.free_port()
+        piddir = tempfile.mkdtemp(prefix="nuttls-run-")    # as /run/nut, owned by nut
+        self.addCleanup(shutil.rmtree, piddir, True)
+        os.chown(piddir, nut.pw_uid, nut.pw_gid)
+        pidfile = os.path.join(piddir, "upsdTLS.pid")
         proc = harness.Proc([sys.executable, str(harness.UPSD_TLS), "--listen",
                              f"127.0.0.1:{port}", "--upsd", f"127.0.0.1:{self.nut.port}",
-                             "--cert", PKI.server_cert, "--key", PKI.server_key],
+                             "--cert", PKI.server_cert, "--key", PKI.server_key,
+                             "--pidfile", pidfile],
                             ready_marks=[f"listening on 127.0.0.1:{port}"])
         self.addCleanup(proc.stop)
         wait_for(lambda: "running as user nut" in proc.log_text(), what="drop log line")
@@ -472,6 +477,10 @@ class TestDaemon(ShimCase):
         wait_for(lambda: proc.log_text().count("closed: peer") >= 2, what="close lines")
         self.assertEqual(self.tls(port).cmd("GET VAR dummy ups.status"),
                          'VAR dummy ups.status "OL"')
+        # A clean stop as nut: exit 0 and the pidfile gone.
+        self.assertTrue(os.path.exists(pidfile))
+        self.assertEqual(proc.stop(), 0, proc.log_text())
+        self.assertFalse(os.path.exists(pidfile))
         self.assertNotIn("Traceback", proc.log_text())
         self.assertNotIn("unknown encoding", proc.log_text())
 
@@ -510,10 +519,17 @@ class TestDaemon(ShimCase):
         workdir = tempfile.mkdtemp(prefix="nuttls-daemon-")
         self.addCleanup(shutil.rmtree, workdir, True)
         pidfile, port = os.path.join(workdir, "upsdTLS.pid"), harness.free_port()
+        # Paths relative to where it started: the daemon changes to / and
+        # must still remove its pidfile and reload its files.  Should the
+        # pidfile go astray, the daemon is still found (by its port) and killed.
+        self.addCleanup(lambda: [os.kill(found, signal.SIGKILL) for found in
+                                 harness.processes_mentioning(f"127.0.0.1:{port}\0")])
         status, stderr = self.run_shim(
-            "--daemon", "--pidfile", pidfile, "--listen", f"127.0.0.1:{port}",
-            "--upsd", f"127.0.0.1:{self.nut.port}", "--cert", PKI.server_cert,
-            "--key", PKI.server_key, "--user", current_user())
+            "--daemon", "--pidfile", "upsdTLS.pid", "--listen", f"127.0.0.1:{port}",
+            "--upsd", f"127.0.0.1:{self.nut.port}",
+            "--cert", os.path.relpath(PKI.server_cert, workdir),
+            "--key", os.path.relpath(PKI.server_key, workdir), "--user", current_user(),
+            cwd=workdir)
         self.assertEqual((status, stderr), (0, ""))
         pid = int(wait_for(lambda: read_file(pidfile).strip(), what="pidfile"))
         # Negative control: a pidfile the daemon cannot write fails the start.
@@ -531,17 +547,28 @@ class TestDaemon(ShimCase):
             messages += syslog.recv(4096) + b"\n"
         self.assertIn(f"upsdTLS[{pid}]: listening on 127.0.0.1:{port}".encode(), messages)
         self.assertIn(f"upsdTLS[{pid}]: session 1 open".encode(), messages)
+        os.kill(pid, signal.SIGHUP)
+        while b"reloaded certificates" not in messages and b"reload failed" not in messages:
+            messages += syslog.recv(4096) + b"\n"
+        self.assertNotIn(b"reload failed", messages)
         os.kill(pid, signal.SIGTERM)
         wait_for(lambda: not alive(pid) and not os.path.exists(pidfile),
                  what="daemon gone and pidfile removed")
 
-    def run_shim(self, *args):
-        """Runs upsdTLS to completion; returns (status, stderr)."""
+    def run_shim(self, *args, cwd=None):
+        """Runs upsdTLS to completion (in cwd); returns (status, stderr)."""
         result = subprocess.run(["python3", str(harness.UPSD_TLS), *args], capture_output=True,
-                                text=True, timeout=TIMEOUT, check=False)
+                                text=True, timeout=TIMEOUT, check=False, cwd=cwd)
         return result.returncode, result.stderr
 
     def test_configuration_errors_exit_2_naming_the_option(self):
+        workdir = tempfile.mkdtemp(prefix="nuttls-opt-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        bad_quote, not_utf8 = os.path.join(workdir, "quote"), os.path.join(workdir, "latin1")
+        with open(bad_quote, "w", encoding="ascii") as handle:
+            handle.write("--idle-timeout \"5\n")
+        with open(not_utf8, "wb") as handle:
+            handle.write(b"--allow-client caf\xe9\n")
         port = str(harness.free_port())
         good = ["--listen", f"127.0.0.1:{port}", "--user", current_user()]
         cases = [
@@ -560,6 +587,9 @@ class TestDaemon(ShimCase):
             (["--cert", PKI.server_cert, "--idle-timeout", "inf"], "--idle-timeout"),
             (["--cert", PKI.server_cert, "--idle-timeout", "nan"], "--idle-timeout"),
             (["--cert", PKI.server_cert, "--handshake-timeout", "3e6"], "--handshake-timeout"),
+            (["--cert", PKI.server_cert, "--upsd", "127.0.0.1:\u00b3"], "--upsd"),
+            (["--cert", PKI.server_cert, f"@{bad_quote}"], "@FILE: No closing quotation"),
+            (["--cert", PKI.server_cert, f"@{not_utf8}"], "codec can't decode"),
         ]
         for args, needle in cases:
             status, stderr = self.run_shim(*good, *args)
