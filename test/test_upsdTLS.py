@@ -9,6 +9,7 @@ and configuration errors behave as DESIGN.md section 3 and 6 say.  Each
 success sits beside a negative control.
 """
 
+import importlib.util
 import os
 import pwd
 import shutil
@@ -608,6 +609,29 @@ class TestDaemon(ShimCase):
                                            "--user", current_user())
         self.assertEqual(status, 1, stderr)
         self.assertIn("cannot listen on", stderr)
+
+
+class TestCertificateNames(unittest.TestCase):
+    """How a peer certificate's names are logged and matched, in both shims."""
+
+    INFO = {"subject": ((("commonName", "c1"),),),
+            "subjectAltName": (("IP Address", "<invalid>"), ("IP Address", "127.0.0.1"),
+                               ("DNS", "c1.example"))}
+
+    def test_an_ip_entry_python_cannot_read_is_logged_and_never_matches(self):
+        # Python shows an IP entry of odd length as <invalid>; a CA-signed
+        # certificate carrying one once ended its session with a traceback.
+        for path in (harness.UPSD_TLS, harness.UPSMON_TLS):
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            shim = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(shim)
+            self.assertEqual(shim.certificate_names(self.INFO),
+                             ["CN=c1", "IP:<invalid>", "IP:127.0.0.1", "DNS:c1.example"])
+            if path == harness.UPSD_TLS:
+                allowed = shim.client_certificate_allowed
+                self.assertFalse(allowed(self.INFO, ["<invalid>"]))
+                for name in ("127.0.0.1", "c1", "c1.example"):   # the controls
+                    self.assertTrue(allowed(self.INFO, [name]), name)
 
 
 if __name__ == "__main__":
