@@ -926,7 +926,7 @@ class Session:
             if len(reply) > LINE_MAX:
                 raise SessionEnd("upstream sent an overlong reply to STARTTLS", logging.ERROR)
         line, _, extra = reply.partition(b"\n")
-        if line.rstrip(b"\r") != b"OK STARTTLS":
+        if line not in (b"OK STARTTLS", b"OK STARTTLS\r"):   # one CR: a CRLF line end
             raise SessionEnd(f"upstream refused STARTTLS: {escape(line)}", logging.ERROR)
         extra_bytes = len(extra) + self.unread_bytes(sock)
         if extra_bytes:

@@ -226,7 +226,8 @@ class TestUpstreamFailures(ChainCase):
         self.assertEqual(fake.received, b"STARTTLS\n")
 
     def test_refused_starttls_closes_the_client_and_sends_nothing_else(self):
-        for answer in (b"ERR FEATURE-NOT-CONFIGURED\n", b"OK STARTTLS NOW\n", b"\n"):
+        for answer in (b"ERR FEATURE-NOT-CONFIGURED\n", b"OK STARTTLS NOW\n", b"\n",
+                       b"OK STARTTLS\r\r\n"):
             fake = self.fake(answer)
             proc, port = self.start_upsmontls(fake.port)
             client = self.plain(port)
