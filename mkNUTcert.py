@@ -666,25 +666,8 @@ class Staging:
         return tmp
 
     def install(self):
-        """Rename every temporary file to its final name, in order.
-
-        If one cannot be installed (another run made its name meanwhile, an
-        I/O error, a signal), the final names this call already made are
-        removed again, so a run leaves all of its files or none.  A file
-        --force replaced is not brought back.
-        """
-        installed = []
-        try:
-            while self._pending:
-                tmp, final = self._pending[0]
-                install_file(tmp, final, self.force)
-                self._pending.pop(0)
-                installed.append(final)
-        except BaseException:
-            for final in installed:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(final)
-            raise
+        """Rename every temporary file to its final name (all or none)."""
+        install_files(self._pending, self.force)
         fsync_dir(self.directory)
 
     def discard(self):
@@ -695,6 +678,30 @@ class Staging:
             except FileNotFoundError:
                 pass  # never written, or already gone: nothing to discard
         self._pending = []
+
+
+def install_files(pending, force):
+    """Install each (tmp, final) of the list pending in order, taking it off
+    the list.
+
+    If one cannot be installed (another run made its name meanwhile, an I/O
+    error, a signal), the final names this call already made are removed
+    again, so a run leaves all of its files or none; what is left in
+    pending is the caller's to discard.  A file --force replaced is not
+    brought back.
+    """
+    installed = []
+    try:
+        while pending:
+            tmp, final = pending[0]
+            install_file(tmp, final, force)
+            pending.pop(0)
+            installed.append(final)
+    except BaseException:
+        for final in installed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(final)
+        raise
 
 
 def install_file(tmp, final, force):
@@ -913,11 +920,12 @@ def make_nssdb(settings, openssl, certutil):
                  cwd=workdir)
         run_tool([certutil, "-A", "-d", "sql:.", "-n", nickname,
                   "-t", "CT,,", "-a", "-i", ca_cert], cwd=workdir)
-        for name in NSS_FILES:
-            made = os.path.join(workdir, name)
-            if settings.owner is not None:
-                os.chown(made, settings.owner.uid, settings.owner.gid)
-            install_file(made, os.path.join(path, name), settings.force)
+        made = [(os.path.join(workdir, name), os.path.join(path, name))
+                for name in NSS_FILES]
+        if settings.owner is not None:
+            for tmp, _ in made:
+                os.chown(tmp, settings.owner.uid, settings.owner.gid)
+        install_files(made, settings.force)
         if give_dir:
             os.chown(path, settings.owner.uid, settings.owner.gid)
         fsync_dir(path)

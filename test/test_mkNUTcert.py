@@ -651,6 +651,29 @@ class NssdbTest(unittest.TestCase):
                                  nut.pw_uid, name)
         self.assertEqual(stat.S_IMODE(os.stat(existing).st_mode), 0o750)
 
+    def test_a_name_taken_while_writing_leaves_none_of_the_database(self):
+        """Another run making key4.db meanwhile: cert9.db is not left alone."""
+        bindir = os.path.join(self.tmp, "bin")
+        os.mkdir(bindir)
+        fake = os.path.join(bindir, "certutil")
+        racer = os.path.join(self.database, "key4.db")
+        with open(fake, "w", encoding="ascii") as file:
+            file.write(f"#!{sys.executable}\nimport os, sys\n"
+                       f"if '-A' in sys.argv:\n"
+                       f"    open({racer!r}, 'x').write('the other run')\n"
+                       f"os.execv({CERTUTIL!r}, [{CERTUTIL!r}] + sys.argv[1:])\n")
+        os.chmod(fake, 0o755)
+        path = os.pathsep.join([bindir, os.path.dirname(OPENSSL)])
+        done = run_script("nssdb", self.database, "--dir", self.dir,
+                          env=dict(os.environ, PATH=path))
+        self.assertEqual(done.returncode, 2, done.stderr)
+        self.assertIn("appeared while writing", done.stderr)
+        self.assertEqual(os.listdir(self.database), ["key4.db"])
+        os.unlink(racer)                                   # the control
+        status, _, err = run_main("nssdb", self.database, "--dir", self.dir)
+        self.assertEqual(status, 0, err)
+        self.assertIn("CT,,", self.listing())
+
     def test_nssdb_is_not_replaced_without_force(self):
         """An existing database is kept without --force, replaced with it."""
         status, _, err = run_main("nssdb", self.database, "--dir", self.dir)
