@@ -274,10 +274,8 @@ def check_host(host, where):
 def parse_listen(text):
     """Parses one --listen value; ADDR must be an IP address."""
     host, port = parse_hostport(text, DEFAULT_PORT, "--listen")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigError(f"--listen {text}: ADDR must be an IP address") from None
+    if ip_text(host) is None:
+        raise ConfigError(f"--listen {text}: ADDR must be an IP address")
     return host, port
 
 
