@@ -1378,6 +1378,16 @@ def drop_privileges(user):
     log.info("running as user %s", user.pw_name)
 
 
+def warn_unreadable_files(settings):
+    """After the drop: warns about each file a SIGHUP reload could not read again."""
+    for option in ("cert", "key", "client_ca", "cafile"):
+        path = getattr(settings, option, None)
+        if settings.user and path and not os.access(path, os.R_OK):
+            log.warning("--%s %s is not readable by user %s: a SIGHUP reload would fail "
+                        "(mkNUTcert.py --owner gives keys to that user)",
+                        option.replace("_", "-"), path, settings.user.pw_name)
+
+
 def serve(servers, shared):
     """Runs the servers until SIGTERM or SIGINT; SIGHUP reloads certificates.
 
@@ -1444,6 +1454,7 @@ def main(argv=None):
         if settings.pidfile:
             write_pidfile(settings.pidfile)
         drop_privileges(settings.user)
+        warn_unreadable_files(settings)
         if os.geteuid() == 0 and settings.user is None:
             log.warning("running as root: no --user given and no user nut")
     except (ConfigError, OSError) as exc:

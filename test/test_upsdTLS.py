@@ -456,13 +456,18 @@ class TestDaemon(ShimCase):
         self.addCleanup(shutil.rmtree, piddir, True)
         os.chown(piddir, nut.pw_uid, nut.pw_gid)
         pidfile = os.path.join(piddir, "upsdTLS.pid")
+        cert = shutil.copy(PKI.server_cert, piddir)        # 0644: nut may read it
         proc = harness.Proc([sys.executable, str(harness.UPSD_TLS), "--listen",
                              f"127.0.0.1:{port}", "--upsd", f"127.0.0.1:{self.nut.port}",
-                             "--cert", PKI.server_cert, "--key", PKI.server_key,
+                             "--cert", cert, "--key", PKI.server_key,
                              "--pidfile", pidfile],
                             ready_marks=[f"listening on 127.0.0.1:{port}"])
         self.addCleanup(proc.stop)
         wait_for(lambda: "running as user nut" in proc.log_text(), what="drop log line")
+        # The key is root's and 0600, which the log says at start; the copy
+        # of the certificate is readable (the control).
+        self.assertIn(f"--key {PKI.server_key} is not readable by user nut", proc.log_text())
+        self.assertNotIn(f"--cert {cert} is not readable", proc.log_text())
         with open(f"/proc/{proc.pid}/status", encoding="ascii") as handle:
             uids = [line.split()[1:] for line in handle if line.startswith("Uid:")][0]
         self.assertEqual(set(uids), {str(nut.pw_uid)})
