@@ -88,6 +88,21 @@ def make_pki(directory, *extra):
             raise AssertionError(f"mkNUTcert {args}: {status} {err}")
 
 
+def wrap_tool(directory, real, when, then):
+    """A stand-in for the tool at real in directory/bin: it runs the Python
+    statement `then` when the expression `when` (on sys.argv) holds, and
+    then execs real.  Returns directory/bin, for PATH."""
+    bindir = os.path.join(directory, "bin")
+    os.makedirs(bindir, exist_ok=True)
+    fake = os.path.join(bindir, os.path.basename(real))
+    with open(fake, "w", encoding="ascii") as file:
+        file.write(f"#!{sys.executable}\nimport os, sys\n"
+                   f"if {when}:\n    {then}\n"
+                   f"os.execv({real!r}, [{real!r}] + sys.argv[1:])\n")
+    os.chmod(fake, 0o755)
+    return bindir
+
+
 def make_tmp(test):
     """A temporary directory removed when test ends."""
     path = tempfile.mkdtemp(prefix="test-mkNUTcert-")
@@ -491,15 +506,8 @@ class FilesTest(unittest.TestCase):
         """openssl failing halfway leaves neither final nor temporary files."""
         # An openssl that fails when it signs a server or client certificate:
         # the CA and the first key are made by then, under temporary names.
-        bindir = os.path.join(self.tmp, "bin")
-        os.mkdir(bindir)
-        fake = os.path.join(bindir, "openssl")
-        with open(fake, "w", encoding="ascii") as file:
-            file.write(f"#!{sys.executable}\nimport os, sys\n"
-                       f"if sys.argv[1:3] == ['x509', '-req']:\n"
-                       f"    sys.exit('openssl: simulated failure')\n"
-                       f"os.execv({OPENSSL!r}, [{OPENSSL!r}] + sys.argv[1:])\n")
-        os.chmod(fake, 0o755)
+        bindir = wrap_tool(self.tmp, OPENSSL, "sys.argv[1:3] == ['x509', '-req']",
+                           "sys.exit('openssl: simulated failure')")
         env = dict(os.environ, PATH=bindir)
         done = run_script("--dir", self.dir, env=env)
         self.assertEqual(done.returncode, 1)
@@ -517,16 +525,9 @@ class FilesTest(unittest.TestCase):
         # An openssl that, while it signs, makes the certificate's final name
         # as a concurrent run would: the key is installed first, then the
         # certificate's name is taken.
-        bindir = os.path.join(self.tmp, "bin")
-        os.mkdir(bindir)
-        fake = os.path.join(bindir, "openssl")
         racer = os.path.join(self.dir, "racer.cert.pem")
-        with open(fake, "w", encoding="ascii") as file:
-            file.write(f"#!{sys.executable}\nimport os, sys\n"
-                       f"if sys.argv[1:3] == ['x509', '-req']:\n"
-                       f"    open({racer!r}, 'x').write('the other run')\n"
-                       f"os.execv({OPENSSL!r}, [{OPENSSL!r}] + sys.argv[1:])\n")
-        os.chmod(fake, 0o755)
+        bindir = wrap_tool(self.tmp, OPENSSL, "sys.argv[1:3] == ['x509', '-req']",
+                           f"open({racer!r}, 'x').write('the other run')")
         done = run_script("--dir", self.dir, "client", "racer",
                           env=dict(os.environ, PATH=bindir))
         self.assertEqual(done.returncode, 2, done.stderr)
@@ -653,16 +654,9 @@ class NssdbTest(unittest.TestCase):
 
     def test_a_name_taken_while_writing_leaves_none_of_the_database(self):
         """Another run making key4.db meanwhile: cert9.db is not left alone."""
-        bindir = os.path.join(self.tmp, "bin")
-        os.mkdir(bindir)
-        fake = os.path.join(bindir, "certutil")
         racer = os.path.join(self.database, "key4.db")
-        with open(fake, "w", encoding="ascii") as file:
-            file.write(f"#!{sys.executable}\nimport os, sys\n"
-                       f"if '-A' in sys.argv:\n"
-                       f"    open({racer!r}, 'x').write('the other run')\n"
-                       f"os.execv({CERTUTIL!r}, [{CERTUTIL!r}] + sys.argv[1:])\n")
-        os.chmod(fake, 0o755)
+        bindir = wrap_tool(self.tmp, CERTUTIL, "'-A' in sys.argv",
+                           f"open({racer!r}, 'x').write('the other run')")
         path = os.pathsep.join([bindir, os.path.dirname(OPENSSL)])
         done = run_script("nssdb", self.database, "--dir", self.dir,
                           env=dict(os.environ, PATH=path))
