@@ -85,6 +85,10 @@ def wait_for(predicate, timeout=TIMEOUT, what='condition'):
         time.sleep(0.02)
 
 
+# How a peer that closed while we still send shows up, plain or TLS.
+CLOSED_ERRORS = (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
+
+
 def processes_mentioning(text):
     """Pids of processes whose command line or environment contains text."""
     found = []

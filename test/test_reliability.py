@@ -45,7 +45,7 @@ import unittest
 import warnings
 
 import harness
-from harness import TIMEOUT, LineClient, wait_for
+from harness import CLOSED_ERRORS, TIMEOUT, LineClient, wait_for
 
 # Each case is one scenario read top to bottom (start, act, check, negative
 # control); splitting it to save locals would scatter its checks.
@@ -157,10 +157,6 @@ def old_context(version, ciphers="DEFAULT:@SECLEVEL=0"):
         context.minimum_version = version
         context.maximum_version = version
     return context
-
-
-# How a peer that closed while we still send shows up, plain or TLS.
-CLOSED_ERRORS = (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
 
 
 def send_quietly(sock, data):

@@ -111,7 +111,7 @@ class ChainCase(harness.UpsdCase):
         client = self.plain(port)
         try:
             client.send(command.encode() + b"\n")
-        except (BrokenPipeError, ConnectionResetError):
+        except harness.CLOSED_ERRORS:
             return
         self.assertEqual(client.read_until_closed(), b"")
 
