@@ -424,7 +424,7 @@ def case_stalled_reader(rig, via="upsdTLS", limit=None, command=b"LIST VAR dummy
     growth = peak - before.rss_kb
     check(growth < RSS_BOUND_KB, f"RSS grew by {growth} kB")
     check(rig.serves(port, via), "the shim stopped serving")   # negative control
-    name = command.decode().split()[0]
+    name = " ".join(command.decode().split()[:2])     # LIST VAR, STARTTLS
     return Outcome(f"{via}: {sent // (len(command) + 1)} {name} sent ({sent // 1024} kB), "
                    "none read",
                    f"RSS +{growth} kB at peak; other sessions served",
