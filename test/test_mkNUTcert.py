@@ -103,6 +103,17 @@ def wrap_tool(directory, real, when, then):
     return bindir
 
 
+def need_nut_as_root(test):
+    """The user nut, for --owner; skips test unless run as root with a nut."""
+    if os.geteuid() != 0:
+        test.skipTest("--owner for another user needs root")
+    try:
+        return pwd.getpwnam("nut")
+    except KeyError:
+        test.skipTest("no user nut")
+        return None
+
+
 def make_tmp(test):
     """A temporary directory removed when test ends."""
     path = tempfile.mkdtemp(prefix="test-mkNUTcert-")
@@ -543,12 +554,7 @@ class FilesTest(unittest.TestCase):
 
     def test_owner_gets_the_leaf_keys_only(self):
         """--owner gives the server and client keys away, not the CA key."""
-        if os.geteuid() != 0:
-            self.skipTest("--owner for another user needs root")
-        try:
-            nut = pwd.getpwnam("nut")
-        except KeyError:
-            self.skipTest("no user nut")
+        nut = need_nut_as_root(self)
         status, _, err = run_main("--dir", self.dir, "--owner", "nut")
         self.assertEqual(status, 0, err)
         for name in os.listdir(self.dir):
@@ -634,12 +640,7 @@ class NssdbTest(unittest.TestCase):
 
     def test_owner_gets_a_new_database_directory_not_an_existing_one(self):
         """--owner gives PATH away only when the run makes it."""
-        if os.geteuid() != 0:
-            self.skipTest("--owner for another user needs root")
-        try:
-            nut = pwd.getpwnam("nut")
-        except KeyError:
-            self.skipTest("no user nut")
+        nut = need_nut_as_root(self)
         existing = os.path.join(self.tmp, "etc-nut")   # as /etc/nut would be
         os.mkdir(existing, 0o750)
         for path, dir_uid in ((existing, 0), (self.database, nut.pw_uid)):
