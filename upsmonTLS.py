@@ -92,6 +92,9 @@ CLOSE_TIMEOUT = 2.0
 SESSION_REFRESH = 60.0
 # On SIGTERM: how long open sessions get to close before the process exits.
 STOP_GRACE = 2.0
+# The options that name certificate, key and CA files: checked at start,
+# read again on SIGHUP.
+FILE_OPTIONS = ("cert", "key", "cafile")
 # The longest --handshake-timeout and --idle-timeout: poll() takes its
 # timeout in milliseconds as a C int (2**31 - 1 ms, about 24 days).
 TIMEOUT_MAX = 2147483
@@ -211,7 +214,7 @@ def parse_args(argv):
     settings.server_name = settings.server_name or settings.upsd[0]
     check_host(settings.server_name, "--server-name")
     check_common_options(settings)
-    for option in ("cert", "key", "cafile"):
+    for option in FILE_OPTIONS:
         path = getattr(settings, option)
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"--{option} {path}: no such file")
@@ -231,8 +234,8 @@ def check_common_options(settings):
     settings.user = choose_user(settings.user)
     # --daemon changes to /: a SIGHUP reload and the pidfile's removal must
     # still find the files a relative path named at start.
-    for option in ("cert", "key", "client_ca", "cafile", "pidfile"):
-        if getattr(settings, option, None):
+    for option in (*FILE_OPTIONS, "pidfile"):
+        if getattr(settings, option):
             setattr(settings, option, os.path.abspath(getattr(settings, option)))
 
 
@@ -1399,8 +1402,8 @@ def drop_privileges(user):
 
 def warn_unreadable_files(settings):
     """After the drop: warns about each file a SIGHUP reload could not read again."""
-    for option in ("cert", "key", "client_ca", "cafile"):
-        path = getattr(settings, option, None)
+    for option in FILE_OPTIONS:
+        path = getattr(settings, option)
         if settings.user and path and not os.access(path, os.R_OK):
             log.warning("--%s %s is not readable by user %s: a SIGHUP reload would fail "
                         "(mkNUTcert.py --owner gives keys to that user)",
